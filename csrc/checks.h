@@ -1,0 +1,137 @@
+// Argument validation shared by every backend of every charmlp op.
+//
+// Each check raises a c10::Error (a Python RuntimeError / ValueError / IndexError)
+// whose message names the offending argument and its bad value, so a user never
+// has to guess which tensor was wrong. Range checks on index tensors live in the
+// backends (they need to read the data), but their message format lives here.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+namespace charmlp {
+
+inline std::string shape_str(const at::Tensor& t) {
+  return c10::str(t.sizes());
+}
+
+inline void check_index_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
+                   "charmlp: ", name, " must be an int64 or int32 tensor of class indices, got ",
+                   t.scalar_type());
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()),
+                   "charmlp: ", name, " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                              const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), "charmlp: ", b_name, " is on ", b.device(), " but ",
+              a_name, " is on ", a.device(), "; move them to the same device");
+}
+
+inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                             const char* b_name) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "charmlp: ", b_name, " has dtype ",
+                   b.scalar_type(), " but ", a_name, " has dtype ", a.scalar_type(),
+                   "; they must match");
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "charmlp: ", name, " must be ", dim, "-D ", layout,
+                    ", got shape ", shape_str(t));
+}
+
+// idx [B, T], table [V, E], weight [H, T*E], bias [H] or None.
+inline void check_embed_linear_tanh_args(const at::Tensor& idx, const at::Tensor& table,
+                                         const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias) {
+  check_index_tensor(idx, "idx");
+  check_dim(idx, 2, "idx", "[B, T]");
+  check_float_tensor(table, "table");
+  check_dim(table, 2, "table", "[V, E]");
+  check_dim(weight, 2, "weight", "[H, T*E]");
+  check_same_dtype(table, "table", weight, "weight");
+  check_same_device(table, "table", weight, "weight");
+  check_same_device(table, "table", idx, "idx");
+  const int64_t T = idx.size(1), E = table.size(1);
+  TORCH_CHECK_VALUE(weight.size(1) == T * E, "charmlp: weight must have shape [H, T*E] = [H, ", T * E,
+                    "] for idx ", shape_str(idx), " and table ", shape_str(table), ", got ",
+                    shape_str(weight));
+  TORCH_CHECK_VALUE(table.size(0) > 0 || idx.numel() == 0,
+                    "charmlp: table has no rows, so no index in idx can be valid");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    check_dim(b, 1, "bias", "[H]");
+    TORCH_CHECK_VALUE(b.size(0) == weight.size(0), "charmlp: bias must have shape [H] = [",
+                      weight.size(0), "], got ", shape_str(b));
+    check_same_dtype(table, "table", b, "bias");
+    check_same_device(table, "table", b, "bias");
+  }
+}
+
+// grad_out [B, H], out [B, H], plus the forward's inputs.
+inline void check_embed_linear_tanh_backward_args(const at::Tensor& grad_out, const at::Tensor& out,
+                                                  const at::Tensor& idx, const at::Tensor& table,
+                                                  const at::Tensor& weight) {
+  check_embed_linear_tanh_args(idx, table, weight, std::nullopt);
+  const int64_t B = idx.size(0), H = weight.size(0);
+  for (const auto* t : {&grad_out, &out}) {
+    const char* name = t == &grad_out ? "grad_out" : "out";
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) == H, "charmlp: ", name,
+                      " must have shape [B, H] = [", B, ", ", H, "], got ", shape_str(*t));
+    check_same_dtype(table, "table", *t, name);
+    check_same_device(table, "table", *t, name);
+  }
+}
+
+// reduction codes follow ATen's at::Reduction enum: 0 none, 1 mean, 2 sum.
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
+                    "charmlp: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+// logits [B, V], target [B].
+inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                                     int64_t reduction, double label_smoothing) {
+  check_float_tensor(logits, "logits");
+  check_dim(logits, 2, "logits", "[B, V]");
+  check_index_tensor(target, "target");
+  check_dim(target, 1, "target", "[B]");
+  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), "charmlp: target must have shape [B] = [",
+                    logits.size(0), "] to match logits ", shape_str(logits), ", got ",
+                    shape_str(target));
+  check_same_device(logits, "logits", target, "target");
+  check_reduction(reduction);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "charmlp: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(logits.size(1) > 0 || logits.size(0) == 0,
+                    "charmlp: logits has no classes (V = 0), so no target can be valid");
+}
+
+// grad_loss: [B] for reduction none, one element otherwise.
+inline void check_grad_loss(const at::Tensor& grad_loss, int64_t reduction, int64_t B) {
+  if (reduction == at::Reduction::None) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == B,
+                      "charmlp: grad_loss must have shape [B] = [", B,
+                      "] for reduction none, got ", shape_str(grad_loss));
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, "charmlp: grad_loss must be a scalar for reduction ",
+                      reduction == at::Reduction::Mean ? "mean" : "sum", ", got shape ",
+                      shape_str(grad_loss));
+  }
+}
+
+// The message for an index outside [0, bound): shared so CPU and CUDA say the same thing.
+[[noreturn]] inline void throw_index_out_of_range(const char* name, int64_t value, int64_t bound,
+                                                  int64_t position) {
+  TORCH_CHECK_INDEX(false, "charmlp: ", name, " contains ", value, " at flat position ", position,
+                    ", outside the valid range [0, ", bound, ")");
+}
+
+}  // namespace charmlp

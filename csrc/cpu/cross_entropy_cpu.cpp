@@ -1,0 +1,139 @@
+// CPU kernels of cross_entropy (F.cross_entropy for [B, V] logits and class
+// targets). The row math is in softmax_xent_row.h; this file adds the
+// reductions and the ignore_index bookkeeping:
+//   none: loss[b] (0 for ignored rows)      grad scale_b = grad_loss[b]
+//   sum:  sum_b loss[b]                      grad scale_b = grad_loss
+//   mean: sum_b loss[b] / count              grad scale_b = grad_loss / count
+// where count is the number of rows whose target is not ignore_index; an
+// all-ignored batch gives 0 / 0 = nan like PyTorch, and zero gradients.
+// Rows are independent, so both passes are parallel over rows with one read of
+// the logits each: forward saves lse [B] (not the softmax), backward rebuilds
+// the probabilities from it while writing the gradient.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/cross_entropy_cpu.h"
+#include "cpu/index_check.h"
+#include "cpu/softmax_xent_row.h"
+
+namespace charmlp {
+
+namespace {
+constexpr int64_t kRowGrain = 256;
+
+// x B x V, target B -> lse B and per-row loss B (0 for ignored rows).
+template <typename scalar_t, typename acc_t>
+void forward_rows(const scalar_t* x, const int64_t* target, acc_t* lse, acc_t* loss, int64_t B,
+                  int64_t V, int64_t ignore_index, acc_t eps) {
+  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* row = x + b * V;
+      lse[b] = row_logsumexp<scalar_t, acc_t>(row, V);
+      const int64_t t = target[b];
+      loss[b] = t == ignore_index ? acc_t(0) : row_loss<scalar_t, acc_t>(row, V, t, lse[b], eps);
+    }
+  });
+}
+}  // namespace
+
+int64_t count_targets_cpu(const at::Tensor& target64, int64_t ignore_index) {
+  const int64_t* t = target64.const_data_ptr<int64_t>();
+  int64_t count = 0;
+  for (int64_t b = 0, B = target64.numel(); b < B; ++b) count += t[b] != ignore_index;
+  return count;
+}
+
+at::Tensor reduce_row_losses(const at::Tensor& row_loss, int64_t reduction, int64_t count,
+                             at::ScalarType out_dtype) {
+  if (reduction == at::Reduction::None) return row_loss.to(out_dtype);
+  at::Tensor total = row_loss.sum();
+  if (reduction == at::Reduction::Mean) total = total / static_cast<double>(count);
+  return total.to(out_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits,
+                                                     const at::Tensor& target, int64_t reduction,
+                                                     int64_t ignore_index,
+                                                     double label_smoothing) {
+  check_cross_entropy_args(logits, target, reduction, label_smoothing);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const at::Tensor target64 = checked_indices_cpu(target, V, "target", ignore_index);
+  const at::Tensor x = logits.contiguous();
+  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  at::Tensor lse = at::empty({B}, logits.options().dtype(acc_dtype));
+  at::Tensor row_loss = at::empty({B}, lse.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
+                                  "cross_entropy_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_rows<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), target64.const_data_ptr<int64_t>(),
+                                  lse.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>(),
+                                  B, V, ignore_index, static_cast<acc_t>(label_smoothing));
+  });
+  const int64_t count =
+      reduction == at::Reduction::Mean ? count_targets_cpu(target64, ignore_index) : 0;
+  return {reduce_row_losses(row_loss, reduction, count, logits.scalar_type()), lse};
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                      const at::Tensor& target, const at::Tensor& lse,
+                                      int64_t reduction, int64_t ignore_index,
+                                      double label_smoothing) {
+  check_cross_entropy_args(logits, target, reduction, label_smoothing);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B && lse.scalar_type() == acc_dtype,
+                    "charmlp: lse must be the [B] ", acc_dtype,
+                    " tensor returned by the forward, got ", lse.scalar_type(), " of shape ",
+                    shape_str(lse));
+  check_grad_loss(grad_loss, reduction, B);
+  const at::Tensor target64 = checked_indices_cpu(target, V, "target", ignore_index);
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor grad = at::empty({B, V}, logits.options());
+  if (B == 0) return grad;
+  const at::Tensor scales = row_grad_scales(grad_loss, target64, reduction, ignore_index, acc_dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
+                                  "cross_entropy_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const int64_t* tp = target64.const_data_ptr<int64_t>();
+    const acc_t* lp = lse_c.const_data_ptr<acc_t>();
+    const acc_t* sp = scales.const_data_ptr<acc_t>();
+    scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+    const acc_t eps = static_cast<acc_t>(label_smoothing);
+    at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t t = tp[b];
+        if (t == ignore_index) {
+          std::fill_n(gp + b * V, V, scalar_t(0));
+          continue;
+        }
+        row_grad<scalar_t, acc_t, scalar_t>(xp + b * V, V, t, lp[b], eps, sp[b], gp + b * V);
+      }
+    });
+  });
+  return grad;
+}
+
+// Per-row gradient scale [B] in acc dtype: 0 for ignored rows.
+at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target64,
+                           int64_t reduction, int64_t ignore_index, at::ScalarType acc_dtype) {
+  const at::Tensor keep = target64.ne(ignore_index).to(acc_dtype);
+  const at::Tensor g = grad_loss.to(acc_dtype);
+  if (reduction == at::Reduction::None) return (g * keep).contiguous();
+  if (reduction == at::Reduction::Sum) return (g.reshape({}) * keep).contiguous();
+  const int64_t count = count_targets_cpu(target64, ignore_index);
+  if (count == 0) return keep;  // all zeros: nothing contributed to the loss
+  return (g.reshape({}) / static_cast<double>(count) * keep).contiguous();
+}
+
+TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
+  m.impl("cross_entropy", &cross_entropy_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+}
+
+}  // namespace charmlp

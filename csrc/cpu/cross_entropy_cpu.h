@@ -1,0 +1,20 @@
+// Reduction helpers of the CPU cross-entropy family, shared by cross_entropy,
+// linear_cross_entropy and mlp_sgd_step.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace charmlp {
+
+// Number of rows whose target is not ignore_index.  target64: contiguous int64 [B]
+int64_t count_targets_cpu(const at::Tensor& target64, int64_t ignore_index);
+
+// Applies the reduction to per-row losses (0 on ignored rows); mean divides by count.
+at::Tensor reduce_row_losses(const at::Tensor& row_loss, int64_t reduction, int64_t count,
+                             at::ScalarType out_dtype);
+
+// d(reduced loss)/d(row loss) for every row, [B] in acc_dtype, 0 on ignored rows.
+at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target64,
+                           int64_t reduction, int64_t ignore_index, at::ScalarType acc_dtype);
+
+}  // namespace charmlp

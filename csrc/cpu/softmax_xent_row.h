@@ -1,0 +1,58 @@
+// Per-row softmax cross-entropy math shared by the CPU cross_entropy,
+// linear_cross_entropy and mlp_sgd_step kernels.
+//
+// For a row of logits x[0..V) with target t and label smoothing eps:
+//   lse  = m + log sum_v exp(x_v - m),  m = max_v x_v   (no overflow at |x| ~ 1e4)
+//   loss = lse - (1 - eps) x_t - (eps / V) sum_v x_v
+//        = (1 - eps) * (-log p_t) + eps * mean_v(-log p_v)   (F.cross_entropy's definition)
+//   dloss/dx_v = p_v - (1 - eps) [v == t] - eps / V,   p_v = exp(x_v - lse)
+// Only lse is saved for backward: p is recomputed from x in the same pass that
+// writes the gradient, so no [B, V] softmax is ever stored.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/vec_math.h"
+
+namespace charmlp {
+
+// x: V logits (any float type); returns log-sum-exp in acc_t.
+template <typename scalar_t, typename acc_t>
+inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t v = 0; v < V; ++v) m = std::max(m, static_cast<acc_t>(x[v]));
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t v = 0; v < V; ++v) s += fast_exp<acc_t>(static_cast<acc_t>(x[v]) - m);
+  return m + std::log(s);
+}
+
+// Loss of one row given its lse (label smoothing folded in).
+template <typename scalar_t, typename acc_t>
+inline acc_t row_loss(const scalar_t* x, int64_t V, int64_t target, acc_t lse, acc_t eps) {
+  acc_t loss = lse - (acc_t(1) - eps) * static_cast<acc_t>(x[target]);
+  if (eps != acc_t(0)) {
+    acc_t sx = 0;
+#pragma omp simd reduction(+ : sx)
+    for (int64_t v = 0; v < V; ++v) sx += static_cast<acc_t>(x[v]);
+    loss -= eps / static_cast<acc_t>(V) * sx;
+  }
+  return loss;
+}
+
+// g[v] = scale * (exp(x_v - lse) - (1 - eps) [v == target] - eps / V).
+template <typename scalar_t, typename acc_t, typename out_t>
+inline void row_grad(const scalar_t* x, int64_t V, int64_t target, acc_t lse, acc_t eps,
+                     acc_t scale, out_t* g) {
+  const acc_t smooth = eps / static_cast<acc_t>(V);
+  const acc_t hit = acc_t(1) - eps;
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t p = fast_exp<acc_t>(static_cast<acc_t>(x[v]) - lse);
+    g[v] = static_cast<out_t>(scale * (p - smooth - (v == target ? hit : acc_t(0))));
+  }
+}
+
+}  // namespace charmlp

@@ -1,0 +1,55 @@
+// The charmlp operator library: every schema in one place.
+//
+// Backends register implementations in their own files:
+//   csrc/cpu/<op>_cpu.cpp    TORCH_LIBRARY_IMPL(charmlp, CPU, m)
+//   csrc/cuda/<op>_cuda.cu   TORCH_LIBRARY_IMPL(charmlp, CUDA, m)
+// Shape inference for torch.compile (register_fake) and autograd
+// (register_autograd) live next to the Python entry points in
+// python/charmlp/ops.py.
+//
+// Shapes:  B batch rows, T context length, V vocabulary, E embedding width,
+//          H hidden width.
+#include <torch/library.h>
+
+TORCH_LIBRARY(charmlp, m) {
+  // tanh(concat_j table[idx[:, j]] @ weight^T + bias) without materializing the concat.
+  // idx [B, T] int64/int32, table [V, E], weight [H, T*E], bias [H] -> out [B, H]
+  m.def("embed_linear_tanh(Tensor idx, Tensor table, Tensor weight, Tensor? bias) -> Tensor");
+  // Gradients of embed_linear_tanh from its output (tanh' = 1 - out^2), in one pass.
+  // -> grad_table [V, E], grad_weight [H, T*E], grad_bias [H]
+  m.def(
+      "embed_linear_tanh_backward(Tensor grad_out, Tensor out, Tensor idx, Tensor table, "
+      "Tensor weight) -> (Tensor, Tensor, Tensor)");
+
+  // Softmax cross-entropy with class-index targets (F.cross_entropy semantics).
+  // logits [B, V], target [B] -> loss ([] or [B] for reduction none), lse [B] (float32/64).
+  // reduction: 0 none, 1 mean, 2 sum (ATen's at::Reduction codes).
+  m.def(
+      "cross_entropy(Tensor logits, Tensor target, int reduction, int ignore_index, "
+      "float label_smoothing) -> (Tensor, Tensor)");
+  // One pass: grad_logits = scale * (exp(logits - lse) - (1 - eps) * onehot - eps / V).
+  m.def(
+      "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
+      "int reduction, int ignore_index, float label_smoothing) -> Tensor");
+
+  // Output projection fused with the loss: never stores logits or softmax for backward.
+  // input [B, H], weight [V, H] (nn.Linear layout), bias [V], target [B]
+  //   -> loss ([] or [B]), lse [B] (float32/64)
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, "
+      "int reduction, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+  // Recomputes the logits block by block from input and lse.
+  // -> grad_input [B, H], grad_weight [V, H], grad_bias [V]
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, "
+      "Tensor? bias, Tensor target, Tensor lse, int reduction, int ignore_index, "
+      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+
+  // One plain-SGD training step of the whole model (mean cross-entropy), fused:
+  // forward, backward and p -= lr * grad for all five parameters in place.
+  // idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H],
+  // weight2 [V, H], bias2 [V] -> loss [] (before the update; float32/64)
+  m.def(
+      "mlp_sgd_step(Tensor idx, Tensor target, Tensor(a!) table, Tensor(b!) weight1, "
+      "Tensor(c!) bias1, Tensor(d!) weight2, Tensor(e!) bias2, float lr) -> Tensor");
+}

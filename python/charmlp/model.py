@@ -1,0 +1,137 @@
+"""The MLP language model of Bengio et al. (2003), as in the makemore MLP lecture.
+
+    idx [B, T] --embed_linear_tanh--> h [B, H] --linear--> logits [B, V] --cross-entropy--> loss
+
+``fused=True`` runs the charmlp ops; ``fused=False`` runs the very same parameters
+through plain PyTorch ops (the lecture's code), so the two paths can be compared and
+benchmarked on identical weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .modules import EmbedLinearTanh
+
+__all__ = ["MLPLanguageModel", "NOTEBOOK_SEED"]
+
+#: The generator seed of the lecture notebook's parameter draws.
+NOTEBOOK_SEED = 2147483647
+
+
+class MLPLanguageModel(nn.Module):
+    """Character-level MLP language model.
+
+    Args:
+        vocab_size: V, number of tokens (27 for '.' plus a-z).
+        block_size: T, context length in tokens.
+        emb_dim: E, embedding width.
+        hidden: H, hidden width.
+        fused: run the charmlp kernels (True) or plain PyTorch ops (False).
+        init: ``"default"`` (``nn.Embedding`` / ``nn.Linear`` initialization) or
+            ``"notebook"``: the lecture's draws, ``torch.randn`` from one generator in
+            the order C ``[V, E]``, W1 ``[T*E, H]``, b1 ``[H]``, W2 ``[H, V]``, b2 ``[V]``,
+            then laid out for this API (``embed.weight = W1.T``, ``head.weight = W2.T``).
+        generator: the generator for ``init="notebook"``; by default a fresh one seeded
+            with the notebook's 2147483647, which reproduces the lecture's parameters.
+
+    Parameters: ``embed.table`` ``[V, E]``, ``embed.weight`` ``[H, T*E]``, ``embed.bias``
+    ``[H]``, ``head.weight`` ``[V, H]``, ``head.bias`` ``[V]``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 27,
+        block_size: int = 3,
+        emb_dim: int = 10,
+        hidden: int = 200,
+        fused: bool = True,
+        init: str = "default",
+        generator: torch.Generator | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"MLPLanguageModel: vocab_size must be an int >= 2, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.block_size = block_size
+        self.emb_dim = emb_dim
+        self.hidden = hidden
+        self.fused = bool(fused)
+        self.embed = EmbedLinearTanh(vocab_size, emb_dim, block_size, hidden, device=device, dtype=dtype)
+        self.head = nn.Linear(hidden, vocab_size, device=device, dtype=dtype)
+        if init == "notebook":
+            self.notebook_init_(generator)
+        elif init != "default":
+            raise ValueError(f"MLPLanguageModel: init must be 'default' or 'notebook', got {init!r}")
+
+    @torch.no_grad()
+    def notebook_init_(self, generator: torch.Generator | None = None) -> "MLPLanguageModel":
+        """Sets the parameters to the lecture notebook's draws (see the class docstring)."""
+        g = generator if generator is not None else torch.Generator().manual_seed(NOTEBOOK_SEED)
+        V, T, E, H = self.vocab_size, self.block_size, self.emb_dim, self.hidden
+        C = torch.randn((V, E), generator=g)
+        W1 = torch.randn((T * E, H), generator=g)
+        b1 = torch.randn(H, generator=g)
+        W2 = torch.randn((H, V), generator=g)
+        b2 = torch.randn(V, generator=g)
+        for param, value in (
+            (self.embed.table, C),
+            (self.embed.weight, W1.T),
+            (self.embed.bias, b1),
+            (self.head.weight, W2.T),
+            (self.head.bias, b2),
+        ):
+            param.copy_(value)
+        return self
+
+    def config(self) -> dict:
+        """The constructor arguments that define the architecture (for checkpoints)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "block_size": self.block_size,
+            "emb_dim": self.emb_dim,
+            "hidden": self.hidden,
+            "fused": self.fused,
+        }
+
+    def _check_idx(self, idx: Tensor) -> None:
+        if idx.dim() != 2 or idx.shape[1] != self.block_size:
+            raise ValueError(
+                f"MLPLanguageModel: idx must have shape [B, block_size={self.block_size}], got {tuple(idx.shape)}"
+            )
+
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """``h = tanh(concat(C[idx]) @ W1^T + b1)``, ``[B, H]``."""
+        self._check_idx(idx)
+        if self.fused:
+            return self.embed(idx)
+        emb = self.embed.table[idx]  # B x T x E
+        return torch.tanh(emb.view(emb.shape[0], -1) @ self.embed.weight.T + self.embed.bias)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Returns ``(logits [B, V], loss)``; ``loss`` is the mean cross-entropy, None without targets."""
+        h = self.hidden_states(idx)
+        logits = F.linear(h, self.head.weight, self.head.bias)
+        if targets is None:
+            return logits, None
+        if self.fused:
+            return logits, ops.cross_entropy(logits, targets)
+        return logits, F.cross_entropy(logits, targets)
+
+    def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
+        """One plain-SGD step on every parameter (``p -= lr * dloss/dp``); returns the loss.
+
+        The loss is the mean cross-entropy before the update. ``.grad`` is left untouched.
+        """
+        params = [self.embed.table, self.embed.weight, self.embed.bias, self.head.weight, self.head.bias]
+        with torch.enable_grad():
+            _, loss = self(idx, targets)
+            grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=-lr)
+        return loss.detach()

@@ -1,0 +1,137 @@
+"""``nn.Module`` wrappers around the charmlp ops, drop-in for the layers they fuse."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["EmbedLinearTanh", "CrossEntropyLoss"]
+
+
+class EmbedLinearTanh(nn.Module):
+    """Embedding -> flatten -> linear -> tanh, fused: ``[B, T]`` ids -> ``[B, hidden]``.
+
+    Equivalent to::
+
+        h = torch.tanh(linear(embedding(idx).flatten(1)))
+
+    with ``embedding = nn.Embedding(num_embeddings, embedding_dim)`` and
+    ``linear = nn.Linear(context * embedding_dim, hidden, bias)``, but without
+    materializing the ``[B, context * embedding_dim]`` embedding.
+
+    Parameters: ``table`` ``[num_embeddings, embedding_dim]``, ``weight``
+    ``[hidden, context * embedding_dim]``, ``bias`` ``[hidden]`` (or None). They are
+    initialized as ``nn.Embedding`` (N(0, 1)) and ``nn.Linear`` (Kaiming-uniform) are.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        context: int,
+        hidden: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("num_embeddings", num_embeddings),
+            ("embedding_dim", embedding_dim),
+            ("context", context),
+            ("hidden", hidden),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EmbedLinearTanh: {name} must be a positive int, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.context = context
+        self.hidden = hidden
+        self.table = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
+        self.weight = nn.Parameter(torch.empty(hidden, context * embedding_dim, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(hidden, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.weight.shape[1])
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_modules(cls, embedding: nn.Embedding, linear: nn.Linear) -> "EmbedLinearTanh":
+        """Builds the fused layer from an ``nn.Embedding`` and the ``nn.Linear`` after it.
+
+        The parameters are copied, so the new layer computes exactly
+        ``tanh(linear(embedding(idx).flatten(1)))`` and trains independently.
+        """
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_modules: embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_modules: linear must be an nn.Linear, got {type(linear).__name__}")
+        if embedding.max_norm is not None or embedding.sparse:
+            raise ValueError("from_modules: nn.Embedding with max_norm or sparse=True is not supported")
+        E = embedding.embedding_dim
+        if linear.in_features % E != 0:
+            raise ValueError(
+                f"from_modules: linear.in_features ({linear.in_features}) must be a multiple of "
+                f"embedding.embedding_dim ({E})"
+            )
+        table = embedding.weight
+        if table.dtype != linear.weight.dtype or table.device != linear.weight.device:
+            raise ValueError(
+                f"from_modules: embedding ({table.dtype}, {table.device}) and linear "
+                f"({linear.weight.dtype}, {linear.weight.device}) must share dtype and device"
+            )
+        layer = cls(
+            embedding.num_embeddings,
+            E,
+            linear.in_features // E,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=table.device,
+            dtype=table.dtype,
+        )
+        with torch.no_grad():
+            layer.table.copy_(table)
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return ops.embed_linear_tanh(idx, self.table, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"context={self.context}, hidden={self.hidden}, bias={self.bias is not None}"
+        )
+
+
+class CrossEntropyLoss(nn.Module):
+    """``nn.CrossEntropyLoss`` for ``[B, V]`` logits and class-index targets, fused."""
+
+    def __init__(self, reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        ops.reduction_code(reduction)  # validate early
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return ops.cross_entropy(logits, target, self.reduction, self.ignore_index, self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"

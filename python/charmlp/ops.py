@@ -1,0 +1,176 @@
+"""Python entry points of the charmlp operators.
+
+Each op has one public function here, and next to it the two registrations that
+make it a first-class PyTorch op:
+
+* ``register_fake``: shape/dtype inference, so ``torch.compile`` (and meta tensors)
+  can trace through the op without running it;
+* ``register_autograd``: the backward, which calls the op's fused ``*_backward``
+  kernel once.
+
+The kernels themselves are in ``csrc/`` (schemas in ``csrc/ops.cpp``).
+Shapes: B batch rows, T context, V vocabulary, E embedding width, H hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _extension  # noqa: F401  (loads the library that defines torch.ops.charmlp)
+
+__all__ = ["embed_linear_tanh", "cross_entropy", "reduction_code"]
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def reduction_code(reduction: str) -> int:
+    """Maps 'none' / 'mean' / 'sum' to ATen's at::Reduction code."""
+    try:
+        return _REDUCTIONS[reduction]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"charmlp: reduction must be 'none', 'mean' or 'sum', got {reduction!r}"
+        ) from None
+
+
+def _check_same_device(reference: Tensor, reference_name: str, **tensors: Tensor | None) -> None:
+    """Device check for the fake (meta) kernels, worded like the C++ one in csrc/checks.h."""
+    for name, t in tensors.items():
+        if t is not None and t.device != reference.device:
+            raise RuntimeError(
+                f"charmlp: {name} is on {t.device} but {reference_name} is on {reference.device}; "
+                "move them to the same device"
+            )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in (and save lse in): float64 stays, the rest is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# embed_linear_tanh
+# --------------------------------------------------------------------------------------
+
+
+def embed_linear_tanh(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``tanh(F.linear(table[idx].reshape(B, T*E), weight, bias))`` as one fused op.
+
+    Args:
+        idx: int64 (or int32) ``[B, T]`` indices into ``table``, each in ``[0, V)``.
+        table: ``[V, E]`` embedding table.
+        weight: ``[H, T*E]`` first-layer weight (``nn.Linear`` layout).
+        bias: ``[H]`` or None.
+
+    Returns:
+        ``[B, H]``. The ``[B, T*E]`` embedding is never materialized; the backward is one
+        fused kernel returning the gradients of table (repeated indices accumulate),
+        weight and bias.
+    """
+    return torch.ops.charmlp.embed_linear_tanh.default(idx, table, weight, bias)
+
+
+@torch.library.register_fake("charmlp::embed_linear_tanh")
+def _embed_linear_tanh_fake(idx, table, weight, bias):
+    _check_same_device(table, "table", weight=weight, idx=idx, bias=bias)
+    torch._check(idx.dim() == 2, lambda: f"charmlp: idx must be 2-D [B, T], got {tuple(idx.shape)}")
+    torch._check(table.dim() == 2, lambda: f"charmlp: table must be 2-D [V, E], got {tuple(table.shape)}")
+    torch._check(
+        weight.dim() == 2 and weight.shape[1] == idx.shape[1] * table.shape[1],
+        lambda: f"charmlp: weight must have shape [H, T*E], got {tuple(weight.shape)}",
+    )
+    return table.new_empty((idx.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("charmlp::embed_linear_tanh_backward")
+def _embed_linear_tanh_backward_fake(grad_out, out, idx, table, weight):
+    return table.new_empty(table.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+
+def _embed_linear_tanh_setup_context(ctx, inputs, output):
+    idx, table, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    # The output (not the pre-activation) is enough: tanh' = 1 - tanh^2.
+    ctx.save_for_backward(idx, table, weight, output)
+
+
+def _embed_linear_tanh_backward(ctx, grad_out):
+    idx, table, weight, out = ctx.saved_tensors
+    grad_table, grad_weight, grad_bias = torch.ops.charmlp.embed_linear_tanh_backward.default(
+        grad_out, out, idx, table, weight
+    )
+    return None, grad_table, grad_weight, grad_bias if ctx.has_bias else None
+
+
+torch.library.register_autograd(
+    "charmlp::embed_linear_tanh",
+    _embed_linear_tanh_backward,
+    setup_context=_embed_linear_tanh_setup_context,
+)
+
+
+# --------------------------------------------------------------------------------------
+# cross_entropy
+# --------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``F.cross_entropy(logits, target, ...)`` for ``[B, V]`` logits and class-index targets.
+
+    Same semantics as PyTorch: reductions ``'none' | 'mean' | 'sum'``, rows whose target
+    is ``ignore_index`` contribute nothing and are left out of the mean's denominator
+    (an all-ignored batch gives nan under ``'mean'``), and label smoothing. The forward
+    saves the per-row log-sum-exp, never the softmax, and the backward is one pass.
+    """
+    loss, _lse = torch.ops.charmlp.cross_entropy.default(
+        logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
+    )
+    return loss
+
+
+@torch.library.register_fake("charmlp::cross_entropy")
+def _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing):
+    _check_same_device(logits, "logits", target=target)
+    torch._check(logits.dim() == 2, lambda: f"charmlp: logits must be 2-D [B, V], got {tuple(logits.shape)}")
+    torch._check(
+        target.dim() == 1 and target.shape[0] == logits.shape[0],
+        lambda: f"charmlp: target must have shape [B], got {tuple(target.shape)}",
+    )
+    B = logits.shape[0]
+    loss = logits.new_empty((B,) if reduction == 0 else ())
+    return loss, logits.new_empty((B,), dtype=_acc_dtype(logits.dtype))
+
+
+@torch.library.register_fake("charmlp::cross_entropy_backward")
+def _cross_entropy_backward_fake(grad_loss, logits, target, lse, reduction, ignore_index, label_smoothing):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    logits, target, reduction, ignore_index, label_smoothing = inputs
+    _loss, lse = output
+    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+    ctx.save_for_backward(logits, target, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _cross_entropy_backward(ctx, grad_loss, _grad_lse):
+    logits, target, lse = ctx.saved_tensors
+    grad_logits = torch.ops.charmlp.cross_entropy_backward.default(
+        grad_loss, logits, target, lse, ctx.reduction, ctx.ignore_index, ctx.label_smoothing
+    )
+    return grad_logits, None, None, None, None
+
+
+torch.library.register_autograd(
+    "charmlp::cross_entropy",
+    _cross_entropy_backward,
+    setup_context=_cross_entropy_setup_context,
+)

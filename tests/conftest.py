@@ -1,0 +1,49 @@
+"""Shared fixtures and plain-PyTorch references for the charmlp tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import charmlp
+from charmlp import _C
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAMES_TXT = REPO_ROOT.parent / "shared" / "data" / "names.txt"
+
+# Float tolerances by dtype for comparing fused kernels with the reference (the
+# fused kernels sum in a different order, and use their own exp/tanh).
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+
+
+def embed_linear_tanh_reference(idx, table, weight, bias=None):
+    B, T = idx.shape
+    return torch.tanh(F.linear(table[idx.long()].reshape(B, T * table.shape[1]), weight, bias))
+
+
+@pytest.fixture(params=["auto", "direct", "folded"])
+def embed_algorithm(request):
+    """Runs a test under each CPU embed_linear_tanh algorithm, restoring 'auto' after."""
+    _C._set_embed_algorithm(request.param)
+    yield request.param
+    _C._set_embed_algorithm("auto")
+
+
+@pytest.fixture
+def names_path():
+    if not NAMES_TXT.exists():
+        pytest.skip(f"{NAMES_TXT} is not present")
+    return NAMES_TXT
+
+
+def assert_close(actual, expected, dtype=None, **kw):
+    tol = dict(TOL[dtype or expected.dtype])
+    tol.update(kw)
+    torch.testing.assert_close(actual, expected, **tol)

@@ -1,0 +1,171 @@
+"""charmlp.ops.cross_entropy against F.cross_entropy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charmlp import ops
+from conftest import assert_close
+
+SHAPES = [(1, 2), (7, 3), (32, 27), (4099, 27), (64, 1000), (3, 5)]
+
+
+def _inputs(B, V, dtype=torch.float32, scale=3.0, ignore_frac=0.0, ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(B, V, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+    target = torch.randint(0, V, (B,), generator=g)
+    if ignore_frac:
+        target[torch.rand(B, generator=g) < ignore_frac] = ignore_index
+    return logits, target
+
+
+def _loss_and_grad(fn, logits, target, **kw):
+    loss = fn(logits, target, **kw)
+    grad_loss = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (grad,) = torch.autograd.grad(loss, logits, grad_loss)
+    return loss, grad
+
+
+def _compare(logits, target, **kw):
+    loss, grad = _loss_and_grad(ops.cross_entropy, logits, target, **kw)
+    ref, ref_grad = _loss_and_grad(F.cross_entropy, logits, target, **kw)
+    assert loss.shape == ref.shape and loss.dtype == ref.dtype
+    assert_close(loss, ref, equal_nan=True)
+    assert_close(grad, ref_grad, equal_nan=True)
+    return loss, grad
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+def test_matches_reference(shape, reduction, label_smoothing):
+    logits, target = _inputs(*shape, ignore_frac=0.2)
+    _compare(logits, target, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 4, -1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignore_index(ignore_index, reduction):
+    logits, target = _inputs(50, 5, ignore_frac=0.3, ignore_index=ignore_index)
+    _compare(logits, target, reduction=reduction, ignore_index=ignore_index, label_smoothing=0.05)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_all_ignored_batch(reduction, label_smoothing):
+    logits, target = _inputs(6, 4)
+    target[:] = -100
+    loss, grad = _compare(logits, target, reduction=reduction, label_smoothing=label_smoothing)
+    if reduction == "mean":
+        assert math.isnan(loss.item())  # 0 / 0, as PyTorch
+    assert grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    logits, target = _inputs(0, 27)
+    loss = ops.cross_entropy(logits, target, reduction=reduction)
+    ref = F.cross_entropy(logits, target, reduction=reduction)
+    assert loss.shape == ref.shape
+    assert_close(loss, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("scale", [1e2, 1e3, 1e4])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_large_logits_are_stable(scale, label_smoothing):
+    logits, target = _inputs(64, 27, scale=1.0)
+    with torch.no_grad():
+        logits.copy_(torch.sign(logits) * scale)  # entries are exactly +-scale
+    loss, grad = _compare(logits, target, reduction="mean", label_smoothing=label_smoothing)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # The naive softmax overflows here; make sure the test is meaningful.
+    if scale >= 1e2:
+        assert not torch.isfinite(logits.detach().exp().sum(1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtypes(dtype):
+    logits, target = _inputs(40, 27, dtype=dtype)
+    loss, grad = _loss_and_grad(ops.cross_entropy, logits, target)
+    up = logits.detach().double().requires_grad_()
+    ref, ref_grad = _loss_and_grad(F.cross_entropy, up, target)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    assert_close(loss, ref.to(dtype), dtype=dtype)
+    assert_close(grad, ref_grad.to(dtype), dtype=dtype)
+
+
+def test_lse_is_saved_in_float32_for_bfloat16():
+    logits, target = _inputs(10, 27, dtype=torch.bfloat16)
+    _, lse = torch.ops.charmlp.cross_entropy(logits, target, 1, -100, 0.0)
+    assert lse.dtype == torch.float32
+    assert_close(lse, torch.logsumexp(logits.detach().float(), 1))
+
+
+def test_int32_targets():
+    logits, target = _inputs(30, 27)
+    assert_close(ops.cross_entropy(logits, target.int()), F.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_gradcheck_float64(reduction, label_smoothing):
+    logits, target = _inputs(6, 5, dtype=torch.float64, ignore_frac=0.3)
+    assert torch.autograd.gradcheck(
+        lambda x: ops.cross_entropy(x, target, reduction=reduction, label_smoothing=label_smoothing), (logits,)
+    )
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_opcheck(reduction):
+    logits, target = _inputs(9, 27, ignore_frac=0.3)
+    torch.library.opcheck(torch.ops.charmlp.cross_entropy.default, (logits, target, reduction, -100, 0.1))
+    loss, lse = torch.ops.charmlp.cross_entropy(logits.detach(), target, reduction, -100, 0.1)
+    torch.library.opcheck(
+        torch.ops.charmlp.cross_entropy_backward.default,
+        (torch.ones_like(loss), logits.detach(), target, lse, reduction, -100, 0.1),
+    )
+
+
+def test_torch_compile_fullgraph():
+    logits, target = _inputs(128, 27, ignore_frac=0.1)
+    compiled = torch.compile(lambda x, t: ops.cross_entropy(x, t, label_smoothing=0.1), fullgraph=True)
+    loss = compiled(logits, target)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref = F.cross_entropy(logits, target, label_smoothing=0.1)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    assert_close(loss, ref)
+    assert_close(grad, ref_grad)
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(40, 60)
+    logits = base[3:33:2, 5:32]   # [15, 27], strided and offset
+    target = torch.randint(0, 27, (30,))[::2]
+    assert_close(ops.cross_entropy(logits, target, reduction="none"), F.cross_entropy(logits, target, reduction="none"))
+
+
+@pytest.mark.parametrize("bad", [27, -1, -101, 10**9])
+def test_out_of_range_target_raises(bad):
+    logits, target = _inputs(10, 27)
+    target[4] = bad
+    with pytest.raises(IndexError, match=rf"target contains {bad} .*\[0, 27\)"):
+        ops.cross_entropy(logits, target)
+
+
+def test_bad_arguments_name_the_argument():
+    logits, target = _inputs(10, 27)
+    cases = [
+        ((logits[0], target), {}, ValueError, "logits must be 2-D"),
+        ((logits, target[:-1]), {}, ValueError, r"target must have shape \[B\] = \[10\]"),
+        ((logits, target.float()), {}, TypeError, "target must be an int64 or int32"),
+        ((logits.long(), target), {}, TypeError, "logits must be a floating-point tensor"),
+        ((logits, target), {"reduction": "avg"}, ValueError, "reduction must be 'none', 'mean' or 'sum', got 'avg'"),
+        ((logits, target), {"label_smoothing": 1.5}, ValueError, "label_smoothing must be in"),
+    ]
+    for args, kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            ops.cross_entropy(*args, **kw)

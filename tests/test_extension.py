@@ -1,0 +1,33 @@
+"""Loading the native extension: build info and the torch-version guard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import charmlp
+
+
+def test_build_info_matches_the_running_torch():
+    info = charmlp.build_info()
+    assert info["torch_version"] == torch.__version__
+    for key in ("cuda", "cuda_arch_list", "cuda_version", "openmp", "compiler", "cxx_flags", "simd"):
+        assert key in info
+    assert info["cuda"] == charmlp.has_cuda_kernels()
+
+
+def test_every_op_has_a_cpu_kernel():
+    for op in ("embed_linear_tanh", "embed_linear_tanh_backward", "cross_entropy", "cross_entropy_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", "CPU"), op
+
+
+def test_import_under_another_torch_version_is_a_clear_error():
+    code = (
+        "import torch; torch.__version__ = '0.0.1'\n"
+        "try:\n    import charmlp\nexcept ImportError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ERR charmlp was built against torch" in out.stdout, out.stdout + out.stderr
+    assert "0.0.1" in out.stdout and "--no-build-isolation" in out.stdout

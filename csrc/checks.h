@@ -9,7 +9,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
+#include <utility>
 #include <string>
 
 namespace charmlp {
@@ -125,6 +127,66 @@ inline void check_grad_loss(const at::Tensor& grad_loss, int64_t reduction, int6
                       reduction == at::Reduction::Mean ? "mean" : "sum", ", got shape ",
                       shape_str(grad_loss));
   }
+}
+
+// input [B, H], weight [V, H], bias [V] or None, target [B].
+inline void check_linear_cross_entropy_args(const at::Tensor& input, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            const at::Tensor& target, int64_t reduction,
+                                            double label_smoothing) {
+  check_float_tensor(input, "input");
+  check_dim(input, 2, "input", "[B, H]");
+  check_dim(weight, 2, "weight", "[V, H]");
+  check_same_dtype(input, "input", weight, "weight");
+  check_same_device(input, "input", weight, "weight");
+  TORCH_CHECK_VALUE(weight.size(1) == input.size(1), "charmlp: weight must have shape [V, H] = [V, ",
+                    input.size(1), "] to match input ", shape_str(input), ", got ",
+                    shape_str(weight));
+  if (bias.has_value()) {
+    check_dim(*bias, 1, "bias", "[V]");
+    TORCH_CHECK_VALUE(bias->size(0) == weight.size(0), "charmlp: bias must have shape [V] = [",
+                      weight.size(0), "], got ", shape_str(*bias));
+    check_same_dtype(input, "input", *bias, "bias");
+    check_same_device(input, "input", *bias, "bias");
+  }
+  check_index_tensor(target, "target");
+  check_dim(target, 1, "target", "[B]");
+  TORCH_CHECK_VALUE(target.size(0) == input.size(0), "charmlp: target must have shape [B] = [",
+                    input.size(0), "] to match input ", shape_str(input), ", got ",
+                    shape_str(target));
+  check_same_device(input, "input", target, "target");
+  check_reduction(reduction);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "charmlp: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(weight.size(0) > 0 || input.size(0) == 0,
+                    "charmlp: weight has no rows (V = 0), so no target can be valid");
+}
+
+// idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H], weight2 [V, H], bias2 [V].
+inline void check_mlp_sgd_step_args(const at::Tensor& idx, const at::Tensor& target,
+                                    const at::Tensor& table, const at::Tensor& weight1,
+                                    const at::Tensor& bias1, const at::Tensor& weight2,
+                                    const at::Tensor& bias2, double lr) {
+  check_embed_linear_tanh_args(idx, table, weight1, bias1);
+  check_dim(weight2, 2, "weight2", "[V, H]");
+  const int64_t V = table.size(0), H = weight1.size(0);
+  TORCH_CHECK_VALUE(weight2.size(0) == V && weight2.size(1) == H,
+                    "charmlp: weight2 must have shape [V, H] = [", V, ", ", H, "], got ",
+                    shape_str(weight2));
+  check_dim(bias2, 1, "bias2", "[V]");
+  TORCH_CHECK_VALUE(bias2.size(0) == V, "charmlp: bias2 must have shape [V] = [", V, "], got ",
+                    shape_str(bias2));
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&weight2, "weight2"},
+                                {&bias2, "bias2"}}) {
+    check_same_dtype(table, "table", *t, name);
+    check_same_device(table, "table", *t, name);
+  }
+  check_index_tensor(target, "target");
+  check_dim(target, 1, "target", "[B]");
+  TORCH_CHECK_VALUE(target.size(0) == idx.size(0), "charmlp: target must have shape [B] = [",
+                    idx.size(0), "] to match idx ", shape_str(idx), ", got ", shape_str(target));
+  check_same_device(table, "table", target, "target");
+  TORCH_CHECK_VALUE(std::isfinite(lr), "charmlp: lr must be finite, got ", lr);
 }
 
 // The message for an index outside [0, bound): shared so CPU and CUDA say the same thing.

@@ -32,6 +32,7 @@
 
 #include "checks.h"
 #include "cpu/embed_algorithm.h"
+#include "cpu/folded_layer.h"
 #include "cpu/index_check.h"
 #include "cpu/vec_math.h"
 
@@ -56,13 +57,6 @@ EmbedAlgorithm get_embed_algorithm() {
 
 namespace {
 
-// P = [P_0; ...; P_{T-1}] with P_j = table @ W_j^T.  table [V, E], weight [H, T*E] -> [T, V, H]
-at::Tensor fold_table_into_weight(const at::Tensor& table_acc, const at::Tensor& weight_acc,
-                                  int64_t T) {
-  const int64_t H = weight_acc.size(0), E = table_acc.size(1);
-  return at::matmul(table_acc, weight_acc.view({H, T, E}).permute({1, 2, 0})).contiguous();
-}
-
 // Copies table rows for rows [b0, b0 + n) into tile.  idx B x T, table V x E, tile n x (T*E)
 template <typename acc_t>
 void gather_tile(const int64_t* idx, const acc_t* table, acc_t* tile, int64_t b0, int64_t n,
@@ -72,33 +66,6 @@ void gather_tile(const int64_t* idx, const acc_t* table, acc_t* tile, int64_t b0
       for (int64_t j = 0; j < T; ++j) {
         std::copy_n(table + idx[(b0 + r) * T + j] * E, E, tile + (r * T + j) * E);
       }
-    }
-  });
-}
-
-// out[b] = tanh(bias + sum_j P[j, idx[b, j]]).  idx B x T, P T x V x H, bias H (or null), out B x H
-template <typename scalar_t, typename acc_t>
-void folded_forward(const int64_t* idx, const acc_t* P, const acc_t* bias, scalar_t* out,
-                    int64_t B, int64_t T, int64_t V, int64_t H) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)),
-                   [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> acc(H);
-    for (int64_t b = b0; b < b1; ++b) {
-      if (bias) {
-        std::copy_n(bias, H, acc.data());
-      } else {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-      }
-      for (int64_t j = 0; j < T; ++j) {
-        const acc_t* row = P + (j * V + idx[b * T + j]) * H;
-        acc_t* a = acc.data();
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) a[h] += row[h];
-      }
-      scalar_t* o = out + b * H;
-      const acc_t* a = acc.data();
-#pragma omp simd
-      for (int64_t h = 0; h < H; ++h) o[h] = static_cast<scalar_t>(fast_tanh<acc_t>(a[h]));
     }
   });
 }
@@ -129,10 +96,17 @@ at::Tensor forward_impl(const at::Tensor& idx, const at::Tensor& table, const at
   const int64_t* idx_p = idx.const_data_ptr<int64_t>();
 
   if (use_folded(B, T, V, E, H)) {
-    const at::Tensor P = fold_table_into_weight(table_acc, weight_acc, T);
-    folded_forward<scalar_t, acc_t>(idx_p, P.const_data_ptr<acc_t>(),
-                                    bias_acc ? bias_acc->const_data_ptr<acc_t>() : nullptr,
-                                    out.mutable_data_ptr<scalar_t>(), B, T, V, H);
+    const std::vector<acc_t> Wt = transpose_copy(weight_acc.const_data_ptr<acc_t>(), H, T * E);
+    std::vector<acc_t> P(static_cast<size_t>(T * V * H));
+    fold_table_into_weight<acc_t>(table_acc.const_data_ptr<acc_t>(), Wt.data(), P.data(), T, V, E,
+                                  H);
+    const acc_t* b = bias_acc ? bias_acc->const_data_ptr<acc_t>() : nullptr;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, std::max<int64_t>(1, 8192 / H), [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> scratch(static_cast<size_t>(H));
+      folded_forward_rows<acc_t, scalar_t>(b1 - b0, idx_p + b0 * T, P.data(), b, o + b0 * H,
+                                           scratch.data(), T, V, H);
+    });
     return out;
   }
 
@@ -215,10 +189,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
     dpre_pass<scalar_t, acc_t>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
                                idx_p, grad_bias.mutable_data_ptr<acc_t>(),
                                S.mutable_data_ptr<acc_t>(), nullptr, B, T, V, H);
-    // grad_W_j = S_j^T @ table: [T, H, V] @ [V, E] -> [T, H, E], laid out as [H, T, E].
-    grad_weight = at::matmul(S.transpose(1, 2), table_acc).permute({1, 0, 2}).reshape({H, T * E});
-    // grad_table = sum_j S_j @ W_j: [T, V, H] @ [T, H, E] -> [T, V, E], summed over j.
-    grad_table = at::matmul(S, weight_acc.view({H, T, E}).permute({1, 0, 2})).sum(0);
+    grad_table = at::zeros({V, E}, acc_opts);
+    at::Tensor grad_wt = at::empty({T * E, H}, acc_opts);
+    folded_weight_grads<acc_t>(S.const_data_ptr<acc_t>(), weight_acc.const_data_ptr<acc_t>(),
+                               table_acc.const_data_ptr<acc_t>(), grad_table.mutable_data_ptr<acc_t>(),
+                               grad_wt.mutable_data_ptr<acc_t>(), T, V, E, H);
+    grad_weight = grad_wt.t();
   } else {
     at::Tensor dpre = at::empty({B, H}, acc_opts);
     dpre_pass<scalar_t, acc_t>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),

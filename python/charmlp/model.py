@@ -113,9 +113,18 @@ class MLPLanguageModel(nn.Module):
         emb = self.embed.table[idx]  # B x T x E
         return torch.tanh(emb.view(emb.shape[0], -1) @ self.embed.weight.T + self.embed.bias)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Returns ``(logits [B, V], loss)``; ``loss`` is the mean cross-entropy, None without targets."""
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Returns ``(logits [B, V], loss)``; ``loss`` is the mean cross-entropy, None without targets.
+
+        With targets and ``return_logits=False`` the fused path computes the loss with
+        ``linear_cross_entropy``, which never materializes the logits (returned as None):
+        the training loop's form.
+        """
         h = self.hidden_states(idx)
+        if targets is not None and self.fused and not return_logits:
+            return None, ops.linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
         logits = F.linear(h, self.head.weight, self.head.bias)
         if targets is None:
             return logits, None
@@ -123,14 +132,26 @@ class MLPLanguageModel(nn.Module):
             return logits, ops.cross_entropy(logits, targets)
         return logits, F.cross_entropy(logits, targets)
 
+    def _fused_step_available(self) -> bool:
+        p = self.embed.table
+        if p.dtype not in (torch.float32, torch.float64):
+            return False
+        return torch._C._dispatch_has_kernel_for_dispatch_key("charmlp::mlp_sgd_step", p.device.type.upper())
+
     def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One plain-SGD step on every parameter (``p -= lr * dloss/dp``); returns the loss.
 
-        The loss is the mean cross-entropy before the update. ``.grad`` is left untouched.
+        The loss is the mean cross-entropy before the update; ``.grad`` is left untouched.
+        With ``fused=True`` (float32/float64) this is the single ``mlp_sgd_step`` kernel;
+        otherwise autograd through the model's ops, then one foreach update.
         """
         params = [self.embed.table, self.embed.weight, self.embed.bias, self.head.weight, self.head.bias]
+        if self.fused and self._fused_step_available():
+            self._check_idx(idx)
+            with torch.no_grad():
+                return ops.mlp_sgd_step(idx, targets, *params, lr)
         with torch.enable_grad():
-            _, loss = self(idx, targets)
+            _, loss = self(idx, targets, return_logits=False)
             grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             torch._foreach_add_(params, grads, alpha=-lr)

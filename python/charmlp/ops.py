@@ -19,7 +19,13 @@ from torch import Tensor
 
 from . import _extension  # noqa: F401  (loads the library that defines torch.ops.charmlp)
 
-__all__ = ["embed_linear_tanh", "cross_entropy", "reduction_code"]
+__all__ = [
+    "embed_linear_tanh",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "mlp_sgd_step",
+    "reduction_code",
+]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
@@ -174,3 +180,110 @@ torch.library.register_autograd(
     _cross_entropy_backward,
     setup_context=_cross_entropy_setup_context,
 )
+
+
+# --------------------------------------------------------------------------------------
+# linear_cross_entropy
+# --------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without storing logits.
+
+    Args:
+        input: ``[B, H]`` hidden states.
+        weight: ``[V, H]`` output projection (``nn.Linear`` layout).
+        bias: ``[V]`` or None.
+        target: int64 (or int32) ``[B]`` class indices in ``[0, V)`` or ``ignore_index``.
+
+    The forward keeps only the per-row log-sum-exp; the backward recomputes each chunk
+    of logits from ``input`` and returns the gradients of input, weight and bias.
+    """
+    loss, _lse = torch.ops.charmlp.linear_cross_entropy.default(
+        input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
+    )
+    return loss
+
+
+@torch.library.register_fake("charmlp::linear_cross_entropy")
+def _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing):
+    _check_same_device(input, "input", weight=weight, bias=bias, target=target)
+    torch._check(input.dim() == 2, lambda: f"charmlp: input must be 2-D [B, H], got {tuple(input.shape)}")
+    torch._check(
+        weight.dim() == 2 and weight.shape[1] == input.shape[1],
+        lambda: f"charmlp: weight must have shape [V, H], got {tuple(weight.shape)}",
+    )
+    B = input.shape[0]
+    loss = input.new_empty((B,) if reduction == 0 else ())
+    return loss, input.new_empty((B,), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("charmlp::linear_cross_entropy_backward")
+def _linear_cross_entropy_backward_fake(
+    grad_loss, input, weight, bias, target, lse, reduction, ignore_index, label_smoothing
+):
+    return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+
+def _linear_cross_entropy_setup_context(ctx, inputs, output):
+    input, weight, bias, target, reduction, ignore_index, label_smoothing = inputs
+    _loss, lse = output
+    ctx.has_bias = bias is not None
+    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+    ctx.save_for_backward(input, weight, bias, target, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, _grad_lse):
+    input, weight, bias, target, lse = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = torch.ops.charmlp.linear_cross_entropy_backward.default(
+        grad_loss, input, weight, bias, target, lse, ctx.reduction, ctx.ignore_index, ctx.label_smoothing
+    )
+    return grad_input, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "charmlp::linear_cross_entropy",
+    _linear_cross_entropy_backward,
+    setup_context=_linear_cross_entropy_setup_context,
+)
+
+
+# --------------------------------------------------------------------------------------
+# mlp_sgd_step
+# --------------------------------------------------------------------------------------
+
+
+def mlp_sgd_step(
+    idx: Tensor,
+    target: Tensor,
+    table: Tensor,
+    weight1: Tensor,
+    bias1: Tensor,
+    weight2: Tensor,
+    bias2: Tensor,
+    lr: float,
+) -> Tensor:
+    """One fused plain-SGD training step of the whole model; returns the pre-update loss.
+
+    Computes the mean cross-entropy of ``linear(tanh(embed_linear(idx)))`` against
+    ``target`` (rows with target -100 are ignored), its gradients, and updates the five
+    parameters in place (``p -= lr * grad``), all in one op. Shapes: idx ``[B, T]``,
+    target ``[B]``, table ``[V, E]``, weight1 ``[H, T*E]``, bias1 ``[H]``, weight2 ``[V, H]``,
+    bias2 ``[V]``. Call it under ``torch.no_grad()`` when the parameters require grad.
+    """
+    return torch.ops.charmlp.mlp_sgd_step.default(idx, target, table, weight1, bias1, weight2, bias2, float(lr))
+
+
+@torch.library.register_fake("charmlp::mlp_sgd_step")
+def _mlp_sgd_step_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
+    _check_same_device(table, "table", idx=idx, target=target, weight1=weight1, weight2=weight2)
+    return table.new_empty(())

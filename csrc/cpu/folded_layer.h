@@ -1,0 +1,89 @@
+// The first layer with the embedding folded into the weight (CPU), shared by
+// embed_linear_tanh and mlp_sgd_step.
+//
+// With W_j = weight[:, j*E:(j+1)*E] the slice that sees context position j,
+//   pre[b] = bias + sum_j W_j table[idx[b, j]] = bias + sum_j P_j[idx[b, j]],
+//   P_j = table @ W_j^T  [V, H].
+// Building P costs 2*T*V*E*H flops once; afterwards a row costs T*H adds
+// instead of 2*T*E*H flops. The backward mirrors it: scatter dpre into
+// S_j[v] = sum over rows with idx[b, j] = v of dpre[b] ([T, V, H]), then
+//   grad_W_j = S_j^T @ table,   grad_table = sum_j S_j @ W_j.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/small_gemm.h"
+#include "cpu/vec_math.h"
+
+namespace charmlp {
+
+// P [T, V, H]: P_j = table [V, E] @ Wt[j*E:(j+1)*E, :], with Wt = weight^T [T*E, H].
+template <typename T>
+inline void fold_table_into_weight(const T* table, const T* Wt, T* P, int64_t Tn, int64_t V,
+                                   int64_t E, int64_t H) {
+  for (int64_t j = 0; j < Tn; ++j) {
+    small_gemm<T>(V, H, E, row_major(table, E), Wt + j * E * H, H, P + j * V * H, H,
+                  /*accumulate=*/false);
+  }
+}
+
+// out[r] = tanh(bias + sum_j P[j, idx[r, j]]) for n rows.  idx n x T, out n x H, bias H or null
+template <typename T, typename out_t>
+inline void folded_forward_rows(int64_t n, const int64_t* idx, const T* P, const T* bias,
+                                out_t* out, T* scratch, int64_t Tn, int64_t V, int64_t H) {
+  for (int64_t r = 0; r < n; ++r) {
+    T* a = scratch;  // H values
+    if (bias) {
+      std::copy_n(bias, H, a);
+    } else {
+      std::fill_n(a, H, T(0));
+    }
+    for (int64_t j = 0; j < Tn; ++j) {
+      const T* row = P + (j * V + idx[r * Tn + j]) * H;
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) a[h] += row[h];
+    }
+    out_t* o = out + r * H;
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) o[h] = static_cast<out_t>(fast_tanh<T>(a[h]));
+  }
+}
+
+// For n rows: dh <- dpre = dh * (1 - h^2) in place, dbias += dpre, S[j, idx[r, j]] += dpre[r].
+// idx n x T, dh n x H, h n x H, S T x V x H, dbias H
+template <typename T>
+inline void folded_backward_rows(int64_t n, const int64_t* idx, T* dh, const T* h, T* S, T* dbias,
+                                 int64_t Tn, int64_t V, int64_t H) {
+  for (int64_t r = 0; r < n; ++r) {
+    T* d = dh + r * H;
+    const T* hr = h + r * H;
+#pragma omp simd
+    for (int64_t k = 0; k < H; ++k) {
+      d[k] *= T(1) - hr[k] * hr[k];
+      dbias[k] += d[k];
+    }
+    for (int64_t j = 0; j < Tn; ++j) {
+      T* s = S + (j * V + idx[r * Tn + j]) * H;
+#pragma omp simd
+      for (int64_t k = 0; k < H; ++k) s[k] += d[k];
+    }
+  }
+}
+
+// grad_table [V, E] = sum_j S_j @ W_j  and  grad_Wt [T*E, H] with grad_Wt[j*E + e] = (table^T S_j)[e].
+// S T x V x H, weight H x (T*E) (nn.Linear layout), table V x E.
+template <typename T>
+inline void folded_weight_grads(const T* S, const T* weight, const T* table, T* grad_table,
+                                T* grad_Wt, int64_t Tn, int64_t V, int64_t E, int64_t H) {
+  for (int64_t j = 0; j < Tn; ++j) {
+    const T* Sj = S + j * V * H;
+    // grad_table += S_j [V, H] @ W_j [H, E]; W_j is weight's columns j*E.. (row stride T*E).
+    small_gemm<T>(V, E, H, row_major(Sj, H), weight + j * E, Tn * E, grad_table, E,
+                  /*accumulate=*/j > 0);
+    // grad_Wt[j*E:(j+1)*E] = table^T [E, V] @ S_j [V, H].
+    small_gemm<T>(E, H, V, transposed(table, E), Sj, H, grad_Wt + j * E * H, H,
+                  /*accumulate=*/false);
+  }
+}
+
+}  // namespace charmlp

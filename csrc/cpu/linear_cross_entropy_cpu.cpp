@@ -1,0 +1,144 @@
+// CPU kernels of linear_cross_entropy: cross_entropy(input @ weight^T + bias, target).
+//
+// Forward: for each chunk of rows, logits = input @ W^T + b in a cache-resident
+// scratch buffer, then lse and the row losses; only lse [B] is kept.
+// Backward: recompute the chunk's logits (one small GEMM, cheaper than storing
+// and re-reading [B, V] from memory), turn them into dlogits with the saved
+// lse, then dW += dlogits^T @ input, db += colsum, grad_input = dlogits @ W.
+// The weight gradients are accumulated per thread and summed in thread order
+// (deterministic); grad_input rows are disjoint per thread.
+//
+// Speed limit: three GEMMs of 2*B*H*V flops (logits twice, dW, grad_input
+// counts four with the recompute) through small_gemm.h; the row softmax is
+// a few percent at V = 27.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "checks.h"
+#include "cpu/cross_entropy_cpu.h"
+#include "cpu/index_check.h"
+#include "cpu/output_layer.h"
+
+namespace charmlp {
+
+namespace {
+
+struct Inputs {
+  at::Tensor input, weight, bias, target;  // acc dtype, contiguous; bias undefined if absent
+};
+
+Inputs prepare(const at::Tensor& input, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& target,
+               int64_t ignore_index) {
+  const auto acc = at::toOpMathType(input.scalar_type());
+  Inputs in;
+  in.input = input.to(acc).contiguous();
+  in.weight = weight.to(acc).contiguous();
+  if (bias) in.bias = bias->to(acc).contiguous();
+  in.target = checked_indices_cpu(target, weight.size(0), "target", ignore_index);
+  return in;
+}
+
+template <typename T>
+void forward_impl(const Inputs& in, int64_t ignore_index, T eps, T* lse, T* loss) {
+  const int64_t B = in.input.size(0), H = in.input.size(1), V = in.weight.size(0);
+  const T* x = in.input.const_data_ptr<T>();
+  const std::vector<T> Wt = transpose_copy(in.weight.const_data_ptr<T>(), V, H, padded_cols(V));
+  const T* b = in.bias.defined() ? in.bias.const_data_ptr<T>() : nullptr;
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  at::parallel_for(0, B, kOutputChunkRows, [&](int64_t b0, int64_t b1) {
+    std::vector<T> logits(static_cast<size_t>(kOutputChunkRows * padded_cols(V)));
+    for (int64_t c0 = b0; c0 < b1; c0 += kOutputChunkRows) {
+      const int64_t n = std::min(kOutputChunkRows, b1 - c0);
+      output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits.data());
+      output_loss_rows<T>(n, V, logits.data(), tgt + c0, ignore_index, eps, lse + c0, loss + c0);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Inputs& in, const T* lse, const T* scale, int64_t ignore_index, T eps,
+                   T* grad_input, T* grad_weight, T* grad_bias) {
+  const int64_t B = in.input.size(0), H = in.input.size(1), V = in.weight.size(0);
+  const T* x = in.input.const_data_ptr<T>();
+  const T* W = in.weight.const_data_ptr<T>();
+  const std::vector<T> Wt = transpose_copy(W, V, H, padded_cols(V));
+  const T* b = in.bias.defined() ? in.bias.const_data_ptr<T>() : nullptr;
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  // One slot per thread: dW [V, H] then db [V].
+  ThreadPartials<T> partials(V * H + V);
+  at::parallel_for(0, B, kOutputChunkRows, [&](int64_t b0, int64_t b1) {
+    T* dW = partials.slot();
+    T* db = dW + V * H;
+    std::vector<T> logits(static_cast<size_t>(kOutputChunkRows * padded_cols(V)));
+    for (int64_t c0 = b0; c0 < b1; c0 += kOutputChunkRows) {
+      const int64_t n = std::min(kOutputChunkRows, b1 - c0);
+      output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits.data());
+      output_dlogits<T>(n, V, logits.data(), tgt + c0, ignore_index, eps, lse + c0, scale + c0);
+      output_backward<T>(n, H, V, logits.data(), x + c0 * H, W, dW, db, grad_input + c0 * H);
+    }
+  });
+  std::vector<T> sum(static_cast<size_t>(V * H + V));
+  partials.reduce_into(sum.data());
+  std::copy_n(sum.data(), V * H, grad_weight);
+  std::copy_n(sum.data() + V * H, V, grad_bias);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
+  const Inputs in = prepare(input, weight, bias, target, ignore_index);
+  const int64_t B = input.size(0);
+  at::Tensor lse = at::empty({B}, in.input.options());
+  at::Tensor row_loss = at::empty({B}, in.input.options());
+  AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_cpu", [&] {
+    forward_impl<scalar_t>(in, ignore_index, static_cast<scalar_t>(label_smoothing),
+                           lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>());
+  });
+  const int64_t count =
+      reduction == at::Reduction::Mean ? count_targets_cpu(in.target, ignore_index) : 0;
+  return {reduce_row_losses(row_loss, reduction, count, input.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
+    int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
+  const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B && lse.scalar_type() == acc,
+                    "charmlp: lse must be the [B] ", acc, " tensor returned by the forward, got ",
+                    lse.scalar_type(), " of shape ", shape_str(lse));
+  check_grad_loss(grad_loss, reduction, B);
+  const Inputs in = prepare(input, weight, bias, target, ignore_index);
+  const at::Tensor scale = row_grad_scales(grad_loss, in.target, reduction, ignore_index, acc);
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor grad_input = at::empty({B, H}, in.input.options());
+  at::Tensor grad_weight = at::empty({V, H}, in.input.options());
+  at::Tensor grad_bias = at::empty({V}, in.input.options());
+  AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
+    backward_impl<scalar_t>(in, lse_c.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
+                            ignore_index, static_cast<scalar_t>(label_smoothing),
+                            grad_input.mutable_data_ptr<scalar_t>(),
+                            grad_weight.mutable_data_ptr<scalar_t>(),
+                            grad_bias.mutable_data_ptr<scalar_t>());
+  });
+  const auto dtype = input.scalar_type();
+  return {grad_input.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
+}
+
+TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+}
+
+}  // namespace charmlp

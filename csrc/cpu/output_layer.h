@@ -1,0 +1,108 @@
+// The output layer (linear + softmax cross-entropy) on one chunk of rows,
+// shared by linear_cross_entropy and mlp_sgd_step on CPU.
+//
+// Shapes: n rows in the chunk, H hidden, V vocabulary.
+//   forward    logits = h @ W^T + b                      [n, V]  (chunk scratch only)
+//              lse, loss per row                         (softmax_xent_row.h)
+//   backward   dlogits = scale * (softmax - target dist)  [n, V]  (in place of logits)
+//              dW += dlogits^T @ h   [V, H]    db += colsum(dlogits)   [V]
+//              dh  = dlogits @ W     [n, H]
+// Working a chunk at a time keeps logits in L1 and means the [B, V] logits
+// (and softmax) are never stored: only lse [B] survives the forward.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/small_gemm.h"
+#include "cpu/softmax_xent_row.h"
+
+namespace charmlp {
+
+// Rows per chunk: h (64 x 200 floats = 50 KB) and logits stay cache resident.
+constexpr int64_t kOutputChunkRows = 64;
+
+// logits [n, V] = h [n, H] @ W^T + b, with W^T given as Wt [H, Vp] (Vp = padded_cols(V),
+// zero beyond V) so every GEMM column block is full width and aligned; logits has
+// leading dimension Vp too. b may be null.
+template <typename T>
+inline void output_logits(int64_t n, int64_t H, int64_t V, const T* h, const T* Wt, const T* b,
+                          T* logits) {
+  const int64_t Vp = padded_cols(V);
+  for (int64_t r = 0; r < n; ++r) {
+    T* row = logits + r * Vp;
+    for (int64_t v = 0; v < Vp; ++v) row[v] = (b && v < V) ? b[v] : T(0);
+  }
+  small_gemm<T>(n, Vp, H, row_major(h, H), Wt, Vp, logits, Vp, /*accumulate=*/true);
+}
+
+// lse[r] and loss[r] (0 for ignored rows) from logits [n, V] (leading dimension padded_cols(V)).
+template <typename T>
+inline void output_loss_rows(int64_t n, int64_t V, const T* logits, const int64_t* target,
+                             int64_t ignore_index, T eps, T* lse, T* loss) {
+  const int64_t Vp = padded_cols(V);
+  for (int64_t r = 0; r < n; ++r) {
+    const T* row = logits + r * Vp;
+    lse[r] = row_logsumexp<T, T>(row, V);
+    loss[r] = target[r] == ignore_index ? T(0) : row_loss<T, T>(row, V, target[r], lse[r], eps);
+  }
+}
+
+// In place: logits [n, V] -> dlogits, row r scaled by scale[r] (0 for ignored rows).
+template <typename T>
+inline void output_dlogits(int64_t n, int64_t V, T* logits, const int64_t* target,
+                           int64_t ignore_index, T eps, const T* lse, const T* scale) {
+  const int64_t Vp = padded_cols(V);
+  for (int64_t r = 0; r < n; ++r) {
+    T* row = logits + r * Vp;
+    if (target[r] == ignore_index) {
+      std::fill_n(row, V, T(0));
+    } else {
+      row_grad<T, T, T>(row, V, target[r], lse[r], eps, scale[r], row);
+    }
+  }
+}
+
+// dW [V, H] += dlogits^T @ h, db [V] += colsum(dlogits), dh [n, H] = dlogits @ W.
+// dlogits has leading dimension padded_cols(V).
+template <typename T>
+inline void output_backward(int64_t n, int64_t H, int64_t V, const T* dlogits, const T* h,
+                            const T* W, T* dW, T* db, T* dh) {
+  const int64_t Vp = padded_cols(V);
+  small_gemm<T>(V, H, n, transposed(dlogits, Vp), h, H, dW, H, /*accumulate=*/true);
+  for (int64_t r = 0; r < n; ++r) {
+    const T* d = dlogits + r * Vp;
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) db[v] += d[v];
+  }
+  if (dh) small_gemm<T>(n, H, V, row_major(dlogits, Vp), W, H, dh, H, /*accumulate=*/false);
+}
+
+// Per-thread gradient accumulators, summed in thread order afterwards so the
+// result is bitwise reproducible for a given thread count.
+template <typename T>
+struct ThreadPartials {
+  explicit ThreadPartials(int64_t size) : size_(size), slots_(at::get_num_threads()) {}
+  T* slot() {
+    auto& s = slots_[at::get_thread_num()];
+    if (s.empty()) s.assign(static_cast<size_t>(size_), T(0));
+    return s.data();
+  }
+  // Sums every used slot, in order, into out (size_ values, overwritten).
+  void reduce_into(T* out) const {
+    std::fill_n(out, size_, T(0));
+    for (const auto& s : slots_) {
+      if (s.empty()) continue;
+#pragma omp simd
+      for (int64_t i = 0; i < size_; ++i) out[i] += s[i];
+    }
+  }
+
+ private:
+  int64_t size_;
+  std::vector<std::vector<T>> slots_;
+};
+
+}  // namespace charmlp

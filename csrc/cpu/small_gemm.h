@@ -1,0 +1,118 @@
+// A small, allocation-free GEMM for the fused CPU kernels.
+//
+// The fused kernels multiply many tiny blocks (a chunk of 64 rows by a
+// 200 x 27 weight, say). Going through at::mm for each would cost a tensor
+// wrapper, a dispatcher call and a BLAS call setup per block (microseconds,
+// more than the arithmetic), and libtorch does not export its raw BLAS entry
+// points. So the fused kernels use this register-blocked kernel instead:
+//
+//   C[M, N] (+)= A[M, K] @ B[K, N]
+//
+// A is read one scalar at a time through arbitrary strides (so A^T is free),
+// B and C are row-major. The inner block is 4 rows x 16 columns of C held in
+// registers across the whole K loop: per k, one 16-wide load of B, four
+// broadcasts of A, four FMAs. With -march=native GCC turns the fixed-size
+// inner loops into AVX-512 (or AVX2) FMAs; the kernel is FMA-bound once
+// K is more than a few dozen.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace charmlp {
+
+template <typename T>
+struct MatrixRef {
+  const T* data;
+  int64_t row_stride;
+  int64_t col_stride;
+  T operator()(int64_t r, int64_t c) const { return data[r * row_stride + c * col_stride]; }
+};
+
+template <typename T>
+inline MatrixRef<T> row_major(const T* data, int64_t ld) { return {data, ld, 1}; }
+template <typename T>
+inline MatrixRef<T> transposed(const T* data, int64_t ld) { return {data, 1, ld}; }
+
+namespace detail {
+constexpr int64_t kGemmCols = 16;
+
+// One block of C: rows [r0, r0 + ROWS), columns [c0, c0 + cols), cols <= kGemmCols.
+// Bblk points at the block's first column of B (16 readable columns per row,
+// ldb apart); only the C side honours `cols`.
+template <typename T, int64_t ROWS, bool FULL>
+inline void gemm_block(int64_t r0, int64_t c0, int64_t cols, int64_t K, MatrixRef<T> A,
+                       const T* Bblk, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  T acc[ROWS][kGemmCols];
+  for (int64_t i = 0; i < ROWS; ++i) {
+    T* c = C + (r0 + i) * ldc + c0;
+    for (int64_t j = 0; j < kGemmCols; ++j) acc[i][j] = (accumulate && (FULL || j < cols)) ? c[j] : T(0);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = Bblk + k * ldb;
+    for (int64_t i = 0; i < ROWS; ++i) {
+      const T a = A(r0 + i, k);
+#pragma omp simd
+      for (int64_t j = 0; j < kGemmCols; ++j) acc[i][j] += a * b[j];
+    }
+  }
+  for (int64_t i = 0; i < ROWS; ++i) {
+    T* c = C + (r0 + i) * ldc + c0;
+    for (int64_t j = 0; j < (FULL ? kGemmCols : cols); ++j) c[j] = acc[i][j];
+  }
+}
+
+template <typename T, int64_t ROWS>
+inline void gemm_rows(int64_t r0, int64_t N, int64_t K, MatrixRef<T> A, const T* B, int64_t ldb,
+                      const T* Btail, T* C, int64_t ldc, bool accumulate) {
+  const int64_t full = N / kGemmCols * kGemmCols;
+  for (int64_t c0 = 0; c0 < full; c0 += kGemmCols) {
+    gemm_block<T, ROWS, true>(r0, c0, kGemmCols, K, A, B + c0, ldb, C, ldc, accumulate);
+  }
+  if (full < N) {
+    gemm_block<T, ROWS, false>(r0, full, N - full, K, A, Btail, kGemmCols, C, ldc, accumulate);
+  }
+}
+}  // namespace detail
+
+// C[M, N] = A[M, K] @ B[K, N] (accumulate = false) or C += A @ B (accumulate = true).
+// B: row-major with leading dimension ldb; C: row-major with leading dimension ldc.
+// When N is not a multiple of 16, the last columns of B are first copied into a
+// zero-padded [K, 16] panel so that every inner loop is a full-width vector FMA
+// (a masked tail loop runs several times slower).
+template <typename T>
+inline void small_gemm(int64_t M, int64_t N, int64_t K, MatrixRef<T> A, const T* B, int64_t ldb,
+                       T* C, int64_t ldc, bool accumulate) {
+  using detail::gemm_rows;
+  using detail::kGemmCols;
+  const int64_t full = N / kGemmCols * kGemmCols;
+  std::vector<T> tail;
+  if (full < N) {
+    tail.assign(static_cast<size_t>(K * kGemmCols), T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = full; j < N; ++j) tail[k * kGemmCols + j - full] = B[k * ldb + j];
+    }
+  }
+  int64_t r0 = 0;
+  for (; r0 + 4 <= M; r0 += 4) gemm_rows<T, 4>(r0, N, K, A, B, ldb, tail.data(), C, ldc, accumulate);
+  for (; r0 < M; ++r0) gemm_rows<T, 1>(r0, N, K, A, B, ldb, tail.data(), C, ldc, accumulate);
+}
+
+// x [rows, cols] -> xt [cols, ld] (ld >= rows; the padding columns are zero).
+template <typename T>
+inline std::vector<T> transpose_copy(const T* x, int64_t rows, int64_t cols, int64_t ld = 0) {
+  if (ld < rows) ld = rows;
+  std::vector<T> xt(static_cast<size_t>(cols * ld), T(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) xt[c * ld + r] = x[r * cols + c];
+  }
+  return xt;
+}
+
+// n rounded up to a whole number of small_gemm column blocks.
+inline int64_t padded_cols(int64_t n) {
+  return (n + detail::kGemmCols - 1) / detail::kGemmCols * detail::kGemmCols;
+}
+
+}  // namespace charmlp

@@ -52,11 +52,11 @@ void forward_impl(const Inputs& in, int64_t ignore_index, T eps, T* lse, T* loss
   const T* b = in.bias.defined() ? in.bias.const_data_ptr<T>() : nullptr;
   const int64_t* tgt = in.target.const_data_ptr<int64_t>();
   at::parallel_for(0, B, kOutputChunkRows, [&](int64_t b0, int64_t b1) {
-    std::vector<T> logits(static_cast<size_t>(kOutputChunkRows * padded_cols(V)));
+    T* logits = thread_scratch<T>(Scratch::kChunkC, kOutputChunkRows * padded_cols(V));
     for (int64_t c0 = b0; c0 < b1; c0 += kOutputChunkRows) {
       const int64_t n = std::min(kOutputChunkRows, b1 - c0);
-      output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits.data());
-      output_loss_rows<T>(n, V, logits.data(), tgt + c0, ignore_index, eps, lse + c0, loss + c0);
+      output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits);
+      output_loss_rows<T>(n, V, logits, tgt + c0, ignore_index, eps, lse + c0, loss + c0);
     }
   });
 }
@@ -75,18 +75,18 @@ void backward_impl(const Inputs& in, const T* lse, const T* scale, int64_t ignor
   at::parallel_for(0, B, kOutputChunkRows, [&](int64_t b0, int64_t b1) {
     T* dW = partials.slot();
     T* db = dW + V * H;
-    std::vector<T> logits(static_cast<size_t>(kOutputChunkRows * padded_cols(V)));
+    T* logits = thread_scratch<T>(Scratch::kChunkC, kOutputChunkRows * padded_cols(V));
     for (int64_t c0 = b0; c0 < b1; c0 += kOutputChunkRows) {
       const int64_t n = std::min(kOutputChunkRows, b1 - c0);
-      output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits.data());
-      output_dlogits<T>(n, V, logits.data(), tgt + c0, ignore_index, eps, lse + c0, scale + c0);
-      output_backward<T>(n, H, V, logits.data(), x + c0 * H, W, dW, db, grad_input + c0 * H);
+      output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits);
+      output_dlogits<T>(n, V, logits, tgt + c0, ignore_index, eps, lse + c0, scale + c0);
+      output_backward<T>(n, H, V, logits, x + c0 * H, W, dW, db, grad_input + c0 * H);
     }
   });
-  std::vector<T> sum(static_cast<size_t>(V * H + V));
-  partials.reduce_into(sum.data());
-  std::copy_n(sum.data(), V * H, grad_weight);
-  std::copy_n(sum.data() + V * H, V, grad_bias);
+  std::vector<T> work(static_cast<size_t>(V * H + V));
+  const T* sum = partials.reduce(work.data());
+  std::copy_n(sum, V * H, grad_weight);
+  std::copy_n(sum + V * H, V, grad_bias);
 }
 
 }  // namespace

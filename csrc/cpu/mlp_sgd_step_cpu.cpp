@@ -36,6 +36,7 @@
 #include "cpu/folded_layer.h"
 #include "cpu/index_check.h"
 #include "cpu/output_layer.h"
+#include "cpu/workspace.h"
 
 namespace charmlp {
 
@@ -46,11 +47,13 @@ constexpr int64_t kIgnoreIndex = -100;
 template <typename T>
 T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* table, T* W1, T* b1,
                 T* W2, T* b2, T lr, int64_t B, int64_t Tn, int64_t V, int64_t E, int64_t H) {
-  const int64_t TE = Tn * E;
-  const std::vector<T> W1t = transpose_copy(W1, H, TE);  // [T*E, H]
-  std::vector<T> P(static_cast<size_t>(Tn * V * H));
-  fold_table_into_weight<T>(table, W1t.data(), P.data(), Tn, V, E, H);
-  const std::vector<T> W2t = transpose_copy(W2, V, H, padded_cols(V));  // [H, Vp]
+  const int64_t TE = Tn * E, Vp = padded_cols(V);
+  T* W1t = thread_scratch<T>(Scratch::kSharedA, TE * H);  // [T*E, H]
+  transpose_into(W1, H, TE, W1t, H);
+  T* P = thread_scratch<T>(Scratch::kSharedB, Tn * V * H);  // [T, V, H]
+  fold_table_into_weight<T>(table, W1t, P, Tn, V, E, H);
+  T* W2t = thread_scratch<T>(Scratch::kSharedC, H * Vp);  // [H, Vp]
+  transpose_into(W2, V, H, W2t, Vp);
 
   // One slot per thread: S [T, V, H], dW2 [V, H], db2 [V], db1 [H]; the loss sums in double.
   const int64_t nS = Tn * V * H, nW2 = V * H;
@@ -66,28 +69,31 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
     T* db1 = db2 + V;
     double& loss_sum = loss_sums[at::get_thread_num()];
     const int64_t C = kOutputChunkRows;
-    std::vector<T> h(static_cast<size_t>(C * H)), dh(static_cast<size_t>(C * H));
-    std::vector<T> logits(static_cast<size_t>(C * padded_cols(V))), lse(C), loss(C), scale(C);
+    T* h = thread_scratch<T>(Scratch::kChunkA, C * H);
+    T* dh = thread_scratch<T>(Scratch::kChunkB, C * H);
+    T* logits = thread_scratch<T>(Scratch::kChunkC, C * (Vp + 3));
+    T* lse = logits + C * Vp;
+    T* loss = lse + C;
+    T* scale = loss + C;
     for (int64_t c0 = r0; c0 < r1; c0 += C) {
       const int64_t n = std::min(C, r1 - c0);
       const int64_t* ci = idx + c0 * Tn;
       const int64_t* ct = target + c0;
-      folded_forward_rows<T, T>(n, ci, P.data(), b1, h.data(), dh.data(), Tn, V, H);
-      output_logits<T>(n, H, V, h.data(), W2t.data(), b2, logits.data());
-      output_loss_rows<T>(n, V, logits.data(), ct, kIgnoreIndex, T(0), lse.data(), loss.data());
+      folded_forward_rows<T, T>(n, ci, P, b1, h, dh, Tn, V, H);
+      output_logits<T>(n, H, V, h, W2t, b2, logits);
+      output_loss_rows<T>(n, V, logits, ct, kIgnoreIndex, T(0), lse, loss);
       for (int64_t r = 0; r < n; ++r) {
         loss_sum += loss[r];
         scale[r] = inv_count;
       }
-      output_dlogits<T>(n, V, logits.data(), ct, kIgnoreIndex, T(0), lse.data(), scale.data());
-      output_backward<T>(n, H, V, logits.data(), h.data(), W2, dW2, db2, dh.data());
-      folded_backward_rows<T>(n, ci, dh.data(), h.data(), S, db1, Tn, V, H);
+      output_dlogits<T>(n, V, logits, ct, kIgnoreIndex, T(0), lse, scale);
+      output_backward<T>(n, H, V, logits, h, W2, dW2, db2, dh);
+      folded_backward_rows<T>(n, ci, dh, h, S, db1, Tn, V, H);
     }
   });
 
-  std::vector<T> sum(static_cast<size_t>(slot_size));
-  partials.reduce_into(sum.data());
-  const T* S = sum.data();
+  T* work = thread_scratch<T>(Scratch::kSharedD, slot_size + V * E + TE * H);
+  const T* S = partials.reduce(work);
   const T* dW2 = S + nS;
   const T* db2 = dW2 + nW2;
   const T* db1 = db2 + V;
@@ -97,14 +103,16 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
                            : std::numeric_limits<T>::quiet_NaN();
 
   // Layer-1 gradients need the parameters before the update, so compute both first.
-  std::vector<T> dtable(static_cast<size_t>(V * E), T(0)), dW1t(static_cast<size_t>(TE * H));
-  folded_weight_grads<T>(S, W1, table, dtable.data(), dW1t.data(), Tn, V, E, H);
+  T* dtable = work + slot_size;  // [V, E]
+  T* dW1t = dtable + V * E;     // [T*E, H]
+  std::fill_n(dtable, V * E, T(0));
+  folded_weight_grads<T>(S, W1, table, dtable, dW1t, Tn, V, E, H);
 
   auto sgd = [lr](T* p, const T* g, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) p[i] -= lr * g[i];
   };
-  sgd(table, dtable.data(), V * E);
+  sgd(table, dtable, V * E);
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t c = 0; c < TE; ++c) W1[h * TE + c] -= lr * dW1t[c * H + h];
   }

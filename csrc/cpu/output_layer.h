@@ -18,6 +18,7 @@
 
 #include "cpu/small_gemm.h"
 #include "cpu/softmax_xent_row.h"
+#include "cpu/workspace.h"
 
 namespace charmlp {
 
@@ -79,30 +80,5 @@ inline void output_backward(int64_t n, int64_t H, int64_t V, const T* dlogits, c
   }
   if (dh) small_gemm<T>(n, H, V, row_major(dlogits, Vp), W, H, dh, H, /*accumulate=*/false);
 }
-
-// Per-thread gradient accumulators, summed in thread order afterwards so the
-// result is bitwise reproducible for a given thread count.
-template <typename T>
-struct ThreadPartials {
-  explicit ThreadPartials(int64_t size) : size_(size), slots_(at::get_num_threads()) {}
-  T* slot() {
-    auto& s = slots_[at::get_thread_num()];
-    if (s.empty()) s.assign(static_cast<size_t>(size_), T(0));
-    return s.data();
-  }
-  // Sums every used slot, in order, into out (size_ values, overwritten).
-  void reduce_into(T* out) const {
-    std::fill_n(out, size_, T(0));
-    for (const auto& s : slots_) {
-      if (s.empty()) continue;
-#pragma omp simd
-      for (int64_t i = 0; i < size_; ++i) out[i] += s[i];
-    }
-  }
-
- private:
-  int64_t size_;
-  std::vector<std::vector<T>> slots_;
-};
 
 }  // namespace charmlp

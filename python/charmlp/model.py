@@ -21,6 +21,11 @@ __all__ = ["MLPLanguageModel", "NOTEBOOK_SEED"]
 #: The generator seed of the lecture notebook's parameter draws.
 NOTEBOOK_SEED = 2147483647
 
+# sgd_step is called every training step: skip the Python wrapper and cache which
+# (device type, dtype) pairs have a fused kernel.
+_mlp_sgd_step = torch.ops.charmlp.mlp_sgd_step.default
+_FUSED_STEP_KERNELS: dict = {}
+
 
 class MLPLanguageModel(nn.Module):
     """Character-level MLP language model.
@@ -134,9 +139,12 @@ class MLPLanguageModel(nn.Module):
 
     def _fused_step_available(self) -> bool:
         p = self.embed.table
-        if p.dtype not in (torch.float32, torch.float64):
-            return False
-        return torch._C._dispatch_has_kernel_for_dispatch_key("charmlp::mlp_sgd_step", p.device.type.upper())
+        key = (p.device.type, p.dtype)
+        if key not in _FUSED_STEP_KERNELS:
+            _FUSED_STEP_KERNELS[key] = p.dtype in (torch.float32, torch.float64) and (
+                torch._C._dispatch_has_kernel_for_dispatch_key("charmlp::mlp_sgd_step", p.device.type.upper())
+            )
+        return _FUSED_STEP_KERNELS[key]
 
     def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One plain-SGD step on every parameter (``p -= lr * dloss/dp``); returns the loss.
@@ -145,11 +153,13 @@ class MLPLanguageModel(nn.Module):
         With ``fused=True`` (float32/float64) this is the single ``mlp_sgd_step`` kernel;
         otherwise autograd through the model's ops, then one foreach update.
         """
-        params = [self.embed.table, self.embed.weight, self.embed.bias, self.head.weight, self.head.bias]
+        embed, head = self.embed, self.head
         if self.fused and self._fused_step_available():
             self._check_idx(idx)
+            # The op mutates the parameters in place; no_grad keeps autograd out of it.
             with torch.no_grad():
-                return ops.mlp_sgd_step(idx, targets, *params, lr)
+                return _mlp_sgd_step(idx, targets, embed.table, embed.weight, embed.bias, head.weight, head.bias, lr)
+        params = [embed.table, embed.weight, embed.bias, head.weight, head.bias]
         with torch.enable_grad():
             _, loss = self(idx, targets, return_logits=False)
             grads = torch.autograd.grad(loss, params)

@@ -1,14 +1,13 @@
 """Python entry points of the charmlp operators.
 
-Each op has one public function here, and next to it the two registrations that
-make it a first-class PyTorch op:
+Each op has one public function here and, next to it, its ``register_fake``: the
+shape/dtype inference that lets ``torch.compile`` (and meta tensors) trace through
+the op without running it.
 
-* ``register_fake``: shape/dtype inference, so ``torch.compile`` (and meta tensors)
-  can trace through the op without running it;
-* ``register_autograd``: the backward, which calls the op's fused ``*_backward``
-  kernel once.
-
-The kernels themselves are in ``csrc/`` (schemas in ``csrc/ops.cpp``).
+The kernels are in ``csrc/`` (schemas in ``csrc/ops.cpp``). Autograd is registered in
+C++ (``csrc/autograd.cpp``): each differentiable op saves what its fused ``*_backward``
+op needs and calls it once. A Python ``register_autograd`` would work the same way but
+costs a Python round trip per op per step, which dominates at small batch sizes.
 Shapes: B batch rows, T context, V vocabulary, E embedding width, H hidden width.
 """
 
@@ -94,28 +93,6 @@ def _embed_linear_tanh_backward_fake(grad_out, out, idx, table, weight):
     return table.new_empty(table.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
-def _embed_linear_tanh_setup_context(ctx, inputs, output):
-    idx, table, weight, bias = inputs
-    ctx.has_bias = bias is not None
-    # The output (not the pre-activation) is enough: tanh' = 1 - tanh^2.
-    ctx.save_for_backward(idx, table, weight, output)
-
-
-def _embed_linear_tanh_backward(ctx, grad_out):
-    idx, table, weight, out = ctx.saved_tensors
-    grad_table, grad_weight, grad_bias = torch.ops.charmlp.embed_linear_tanh_backward.default(
-        grad_out, out, idx, table, weight
-    )
-    return None, grad_table, grad_weight, grad_bias if ctx.has_bias else None
-
-
-torch.library.register_autograd(
-    "charmlp::embed_linear_tanh",
-    _embed_linear_tanh_backward,
-    setup_context=_embed_linear_tanh_setup_context,
-)
-
-
 # --------------------------------------------------------------------------------------
 # cross_entropy
 # --------------------------------------------------------------------------------------
@@ -157,29 +134,6 @@ def _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing
 @torch.library.register_fake("charmlp::cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_loss, logits, target, lse, reduction, ignore_index, label_smoothing):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _cross_entropy_setup_context(ctx, inputs, output):
-    logits, target, reduction, ignore_index, label_smoothing = inputs
-    _loss, lse = output
-    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
-    ctx.save_for_backward(logits, target, lse)
-    ctx.mark_non_differentiable(lse)
-
-
-def _cross_entropy_backward(ctx, grad_loss, _grad_lse):
-    logits, target, lse = ctx.saved_tensors
-    grad_logits = torch.ops.charmlp.cross_entropy_backward.default(
-        grad_loss, logits, target, lse, ctx.reduction, ctx.ignore_index, ctx.label_smoothing
-    )
-    return grad_logits, None, None, None, None
-
-
-torch.library.register_autograd(
-    "charmlp::cross_entropy",
-    _cross_entropy_backward,
-    setup_context=_cross_entropy_setup_context,
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -231,30 +185,6 @@ def _linear_cross_entropy_backward_fake(
     grad_loss, input, weight, bias, target, lse, reduction, ignore_index, label_smoothing
 ):
     return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
-
-
-def _linear_cross_entropy_setup_context(ctx, inputs, output):
-    input, weight, bias, target, reduction, ignore_index, label_smoothing = inputs
-    _loss, lse = output
-    ctx.has_bias = bias is not None
-    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
-    ctx.save_for_backward(input, weight, bias, target, lse)
-    ctx.mark_non_differentiable(lse)
-
-
-def _linear_cross_entropy_backward(ctx, grad_loss, _grad_lse):
-    input, weight, bias, target, lse = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = torch.ops.charmlp.linear_cross_entropy_backward.default(
-        grad_loss, input, weight, bias, target, lse, ctx.reduction, ctx.ignore_index, ctx.label_smoothing
-    )
-    return grad_input, grad_weight, grad_bias if ctx.has_bias else None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "charmlp::linear_cross_entropy",
-    _linear_cross_entropy_backward,
-    setup_context=_linear_cross_entropy_setup_context,
-)
 
 
 # --------------------------------------------------------------------------------------

@@ -190,11 +190,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
                                idx_p, grad_bias.mutable_data_ptr<acc_t>(),
                                S.mutable_data_ptr<acc_t>(), nullptr, B, T, V, H);
     grad_table = at::zeros({V, E}, acc_opts);
-    at::Tensor grad_wt = at::empty({T * E, H}, acc_opts);
+    grad_weight = at::empty({H, T * E}, acc_opts);
     folded_weight_grads<acc_t>(S.const_data_ptr<acc_t>(), weight_acc.const_data_ptr<acc_t>(),
                                table_acc.const_data_ptr<acc_t>(), grad_table.mutable_data_ptr<acc_t>(),
-                               grad_wt.mutable_data_ptr<acc_t>(), T, V, E, H);
-    grad_weight = grad_wt.t();
+                               grad_weight.mutable_data_ptr<acc_t>(), T, V, E, H);
   } else {
     at::Tensor dpre = at::empty({B, H}, acc_opts);
     dpre_pass<scalar_t, acc_t>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),

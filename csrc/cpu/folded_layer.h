@@ -70,18 +70,20 @@ inline void folded_backward_rows(int64_t n, const int64_t* idx, T* dh, const T* 
   }
 }
 
-// grad_table [V, E] = sum_j S_j @ W_j  and  grad_Wt [T*E, H] with grad_Wt[j*E + e] = (table^T S_j)[e].
+// grad_table [V, E] = sum_j S_j @ W_j  and  grad_weight [H, T*E] with columns
+// j*E:(j+1)*E = S_j^T @ table, written in the weight's own layout so the update
+// that follows is a contiguous (vectorized) pass.
 // S T x V x H, weight H x (T*E) (nn.Linear layout), table V x E.
 template <typename T>
 inline void folded_weight_grads(const T* S, const T* weight, const T* table, T* grad_table,
-                                T* grad_Wt, int64_t Tn, int64_t V, int64_t E, int64_t H) {
+                                T* grad_weight, int64_t Tn, int64_t V, int64_t E, int64_t H) {
   for (int64_t j = 0; j < Tn; ++j) {
     const T* Sj = S + j * V * H;
     // grad_table += S_j [V, H] @ W_j [H, E]; W_j is weight's columns j*E.. (row stride T*E).
     small_gemm<T>(V, E, H, row_major(Sj, H), weight + j * E, Tn * E, grad_table, E,
                   /*accumulate=*/j > 0);
-    // grad_Wt[j*E:(j+1)*E] = table^T [E, V] @ S_j [V, H].
-    small_gemm<T>(E, H, V, transposed(table, E), Sj, H, grad_Wt + j * E * H, H,
+    // grad_weight[:, j*E:(j+1)*E] = S_j^T [H, V] @ table [V, E].
+    small_gemm<T>(H, E, V, transposed(Sj, H), table, E, grad_weight + j * E, Tn * E,
                   /*accumulate=*/false);
   }
 }

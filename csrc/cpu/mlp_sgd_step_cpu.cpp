@@ -14,7 +14,7 @@
 //     dW2 += dlogits^T h, db2 += colsum, dh = dlogits @ W2       [n, H]
 //     dpre = dh (1 - h^2); db1 += colsum; S_j[idx[:, j]] += dpre
 //   after the chunks (per-thread partials summed in thread order):
-//     dtable = sum_j S_j @ W_j, dW1_j = table^T S_j
+//     dtable = sum_j S_j @ W_j, dW1_j = S_j^T table
 //     every parameter -= lr * grad, in place.
 // Memory: per thread one S (T*V*H), dW2 (V*H) and two [64, H] chunk buffers;
 // nothing scales with B except the caller's idx and target.
@@ -104,18 +104,16 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
 
   // Layer-1 gradients need the parameters before the update, so compute both first.
   T* dtable = work + slot_size;  // [V, E]
-  T* dW1t = dtable + V * E;     // [T*E, H]
+  T* dW1 = dtable + V * E;       // [H, T*E]
   std::fill_n(dtable, V * E, T(0));
-  folded_weight_grads<T>(S, W1, table, dtable, dW1t, Tn, V, E, H);
+  folded_weight_grads<T>(S, W1, table, dtable, dW1, Tn, V, E, H);
 
   auto sgd = [lr](T* p, const T* g, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) p[i] -= lr * g[i];
   };
   sgd(table, dtable, V * E);
-  for (int64_t h = 0; h < H; ++h) {
-    for (int64_t c = 0; c < TE; ++c) W1[h * TE + c] -= lr * dW1t[c * H + h];
-  }
+  sgd(W1, dW1, H * TE);
   sgd(b1, db1, H);
   sgd(W2, dW2, V * H);
   sgd(b2, db2, V);

@@ -32,7 +32,7 @@ def reference_step(idx, target, params, lr):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(shape):
+def test_matches_reference(shape, embed_algorithm):
     B, T, V, E, H = shape
     g = torch.Generator().manual_seed(B)
     idx = torch.randint(0, V, (B, T), generator=g)
@@ -100,7 +100,7 @@ def test_empty_batch_is_a_nan_loss_and_no_update():
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_deterministic_run_to_run():
+def test_deterministic_run_to_run(embed_algorithm):
     idx = torch.randint(0, 27, (8000, 3))
     target = torch.randint(0, 27, (8000,))
     results = []

@@ -32,7 +32,7 @@
 
 #include "checks.h"
 #include "cpu/embed_algorithm.h"
-#include "cpu/folded_layer.h"
+#include "cpu/first_layer.h"
 #include "cpu/index_check.h"
 #include "cpu/vec_math.h"
 

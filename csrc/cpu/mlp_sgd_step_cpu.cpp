@@ -19,9 +19,9 @@
 // Memory: per thread one S (T*V*H), dW2 (V*H) and two [64, H] chunk buffers;
 // nothing scales with B except the caller's idx and target.
 //
-// The folded first layer costs 2*T*V*E*H flops per step whatever the batch,
-// so this op suits character-level vocabularies; for V in the thousands, use
-// the autograd path (embed_linear_tanh picks the direct algorithm there).
+// The first layer is folded (above) or direct (gather + GEMM per chunk), by the
+// cost model of embed_algorithm.h: direct at small batches or large vocabularies,
+// where building P each step would cost more than it saves.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -32,8 +32,9 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/embed_algorithm.h"
 #include "cpu/cross_entropy_cpu.h"
-#include "cpu/folded_layer.h"
+#include "cpu/first_layer.h"
 #include "cpu/index_check.h"
 #include "cpu/output_layer.h"
 #include "cpu/workspace.h"
@@ -44,27 +45,36 @@ namespace {
 
 constexpr int64_t kIgnoreIndex = -100;
 
-template <typename T>
+// kFolded picks the first-layer algorithm (embed_algorithm.h has the cost model):
+// folded builds P once and scatters into S; direct gathers each chunk's
+// embeddings and runs two more small GEMMs per chunk, with no per-step cost
+// beyond W1^T, which wins at small batches (the lecture's 32).
+template <typename T, bool kFolded>
 T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* table, T* W1, T* b1,
                 T* W2, T* b2, T lr, int64_t B, int64_t Tn, int64_t V, int64_t E, int64_t H) {
   const int64_t TE = Tn * E, Vp = padded_cols(V);
   T* W1t = thread_scratch<T>(Scratch::kSharedA, TE * H);  // [T*E, H]
   transpose_into(W1, H, TE, W1t, H);
-  T* P = thread_scratch<T>(Scratch::kSharedB, Tn * V * H);  // [T, V, H]
-  fold_table_into_weight<T>(table, W1t, P, Tn, V, E, H);
+  T* P = nullptr;  // [T, V, H]
+  if constexpr (kFolded) {
+    P = thread_scratch<T>(Scratch::kSharedB, Tn * V * H);
+    fold_table_into_weight<T>(table, W1t, P, Tn, V, E, H);
+  }
   T* W2t = thread_scratch<T>(Scratch::kSharedC, H * Vp);  // [H, Vp]
   transpose_into(W2, V, H, W2t, Vp);
 
-  // One slot per thread: S [T, V, H], dW2 [V, H], db2 [V], db1 [H]; the loss sums in double.
-  const int64_t nS = Tn * V * H, nW2 = V * H;
-  const int64_t slot_size = nS + nW2 + V + H;
+  // One slot per thread: the first layer's accumulators (folded: S [T, V, H];
+  // direct: dW1 [H, T*E] then dtable [V, E]), dW2 [V, H], db2 [V], db1 [H].
+  // The loss sums in double.
+  const int64_t nL1 = kFolded ? Tn * V * H : H * TE + V * E, nW2 = V * H;
+  const int64_t slot_size = nL1 + nW2 + V + H;
   ThreadPartials<T> partials(slot_size);
   std::vector<double> loss_sums(at::get_num_threads(), 0.0);
   const T inv_count = count > 0 ? T(1) / static_cast<T>(count) : T(0);
 
   at::parallel_for(0, B, kOutputChunkRows, [&](int64_t r0, int64_t r1) {
-    T* S = partials.slot();
-    T* dW2 = S + nS;
+    T* L1 = partials.slot();
+    T* dW2 = L1 + nL1;
     T* db2 = dW2 + nW2;
     T* db1 = db2 + V;
     double& loss_sum = loss_sums[at::get_thread_num()];
@@ -75,11 +85,17 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
     T* lse = logits + C * Vp;
     T* loss = lse + C;
     T* scale = loss + C;
+    T* emb = kFolded ? nullptr : thread_scratch<T>(Scratch::kChunkD, 2 * C * TE);
     for (int64_t c0 = r0; c0 < r1; c0 += C) {
       const int64_t n = std::min(C, r1 - c0);
       const int64_t* ci = idx + c0 * Tn;
       const int64_t* ct = target + c0;
-      folded_forward_rows<T, T>(n, ci, P, b1, h, dh, Tn, V, H);
+      if constexpr (kFolded) {
+        folded_forward_rows<T, T>(n, ci, P, b1, h, dh, Tn, V, H);
+      } else {
+        gather_embedding_rows<T>(n, ci, table, emb, Tn, E);
+        direct_forward_rows<T>(n, emb, W1t, b1, h, TE, H);
+      }
       output_logits<T>(n, H, V, h, W2t, b2, logits);
       output_loss_rows<T>(n, V, logits, ct, kIgnoreIndex, T(0), lse, loss);
       for (int64_t r = 0; r < n; ++r) {
@@ -88,13 +104,18 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
       }
       output_dlogits<T>(n, V, logits, ct, kIgnoreIndex, T(0), lse, scale);
       output_backward<T>(n, H, V, logits, h, W2, dW2, db2, dh);
-      folded_backward_rows<T>(n, ci, dh, h, S, db1, Tn, V, H);
+      tanh_backward_rows<T>(n, dh, h, db1, H);
+      if constexpr (kFolded) {
+        folded_scatter_rows<T>(n, ci, dh, L1, Tn, V, H);
+      } else {
+        direct_backward_rows<T>(n, ci, dh, emb, W1, emb + C * TE, L1, L1 + H * TE, Tn, E, H);
+      }
     }
   });
 
   T* work = thread_scratch<T>(Scratch::kSharedD, slot_size + V * E + TE * H);
-  const T* S = partials.reduce(work);
-  const T* dW2 = S + nS;
+  const T* L1 = partials.reduce(work);
+  const T* dW2 = L1 + nL1;
   const T* db2 = dW2 + nW2;
   const T* db1 = db2 + V;
   double loss_total = 0.0;
@@ -102,11 +123,17 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
   const T loss = count > 0 ? static_cast<T>(loss_total / static_cast<double>(count))
                            : std::numeric_limits<T>::quiet_NaN();
 
-  // Layer-1 gradients need the parameters before the update, so compute both first.
-  T* dtable = work + slot_size;  // [V, E]
-  T* dW1 = dtable + V * E;       // [H, T*E]
-  std::fill_n(dtable, V * E, T(0));
-  folded_weight_grads<T>(S, W1, table, dtable, dW1, Tn, V, E, H);
+  // Layer-1 gradients need the parameters before the update, so finish them first.
+  const T* dW1 = L1;             // [H, T*E]
+  const T* dtable = L1 + H * TE;  // [V, E]
+  if constexpr (kFolded) {
+    T* dt = work + slot_size;
+    T* dw = dt + V * E;
+    std::fill_n(dt, V * E, T(0));
+    folded_weight_grads<T>(L1, W1, table, dt, dw, Tn, V, E, H);
+    dtable = dt;
+    dW1 = dw;
+  }
 
   auto sgd = [lr](T* p, const T* g, int64_t n) {
 #pragma omp simd
@@ -142,8 +169,10 @@ at::Tensor mlp_sgd_step_cpu(const at::Tensor& idx, const at::Tensor& target, at:
   for (size_t i = 0; i < params.size(); ++i) work[i] = params[i]->contiguous();
 
   at::Tensor loss = at::empty({}, table.options());
+  const bool folded = use_folded(B, Tn, V, E, H);
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_sgd_step_cpu", [&] {
-    loss.fill_(sgd_step_impl<scalar_t>(
+    auto impl = folded ? &sgd_step_impl<scalar_t, true> : &sgd_step_impl<scalar_t, false>;
+    loss.fill_(impl(
         idx64.const_data_ptr<int64_t>(), target64.const_data_ptr<int64_t>(), count,
         work[0].mutable_data_ptr<scalar_t>(), work[1].mutable_data_ptr<scalar_t>(),
         work[2].mutable_data_ptr<scalar_t>(), work[3].mutable_data_ptr<scalar_t>(),

@@ -25,6 +25,7 @@ enum class Scratch : int {
   kChunkA,        // worker: chunk activations
   kChunkB,        // worker: chunk gradients
   kChunkC,        // worker: chunk logits and row statistics
+  kChunkD,        // worker: chunk embeddings and their gradients
   kPartial,       // worker: per-thread gradient accumulators
   kCount
 };

@@ -1,6 +1,7 @@
-// The first layer with the embedding folded into the weight (CPU), shared by
-// embed_linear_tanh and mlp_sgd_step.
+// The first layer, h = tanh(concat_j table[idx[:, j]] @ W^T + b), on CPU,
+// shared by embed_linear_tanh and mlp_sgd_step.
 //
+// Folded: the embedding folded into the weight.
 // With W_j = weight[:, j*E:(j+1)*E] the slice that sees context position j,
 //   pre[b] = bias + sum_j W_j table[idx[b, j]] = bias + sum_j P_j[idx[b, j]],
 //   P_j = table @ W_j^T  [V, H].
@@ -10,6 +11,7 @@
 //   grad_W_j = S_j^T @ table,   grad_table = sum_j S_j @ W_j.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu/small_gemm.h"
@@ -49,11 +51,9 @@ inline void folded_forward_rows(int64_t n, const int64_t* idx, const T* P, const
   }
 }
 
-// For n rows: dh <- dpre = dh * (1 - h^2) in place, dbias += dpre, S[j, idx[r, j]] += dpre[r].
-// idx n x T, dh n x H, h n x H, S T x V x H, dbias H
+// For n rows: dh <- dpre = dh * (1 - h^2) in place, and dbias += dpre.  dh, h n x H
 template <typename T>
-inline void folded_backward_rows(int64_t n, const int64_t* idx, T* dh, const T* h, T* S, T* dbias,
-                                 int64_t Tn, int64_t V, int64_t H) {
+inline void tanh_backward_rows(int64_t n, T* dh, const T* h, T* dbias, int64_t H) {
   for (int64_t r = 0; r < n; ++r) {
     T* d = dh + r * H;
     const T* hr = h + r * H;
@@ -62,10 +62,65 @@ inline void folded_backward_rows(int64_t n, const int64_t* idx, T* dh, const T* 
       d[k] *= T(1) - hr[k] * hr[k];
       dbias[k] += d[k];
     }
+  }
+}
+
+// S[j, idx[r, j]] += dpre[r] for n rows.  idx n x T, dpre n x H, S T x V x H
+template <typename T>
+inline void folded_scatter_rows(int64_t n, const int64_t* idx, const T* dpre, T* S, int64_t Tn,
+                                int64_t V, int64_t H) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* d = dpre + r * H;
     for (int64_t j = 0; j < Tn; ++j) {
       T* s = S + (j * V + idx[r * Tn + j]) * H;
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) s[k] += d[k];
+    }
+  }
+}
+
+// Direct: emb [n, T*E] = concat_j table[idx[r, j]] for n rows (a chunk, not the batch).
+template <typename T>
+inline void gather_embedding_rows(int64_t n, const int64_t* idx, const T* table, T* emb,
+                                  int64_t Tn, int64_t E) {
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < Tn; ++j) {
+      std::copy_n(table + idx[r * Tn + j] * E, E, emb + (r * Tn + j) * E);
+    }
+  }
+}
+
+// Direct: h [n, H] = tanh(bias + emb [n, T*E] @ Wt [T*E, H]); bias may be null.
+template <typename T>
+inline void direct_forward_rows(int64_t n, const T* emb, const T* Wt, const T* bias, T* h,
+                                int64_t TE, int64_t H) {
+  for (int64_t r = 0; r < n; ++r) {
+    if (bias) {
+      std::copy_n(bias, H, h + r * H);
+    } else {
+      std::fill_n(h + r * H, H, T(0));
+    }
+  }
+  small_gemm<T>(n, H, TE, row_major(emb, TE), Wt, H, h, H, /*accumulate=*/true);
+#pragma omp simd
+  for (int64_t i = 0; i < n * H; ++i) h[i] = fast_tanh<T>(h[i]);
+}
+
+// Direct: grad_weight [H, T*E] += dpre^T @ emb, and grad_table[idx[r, j]] += (dpre @ W)[r, j*E:].
+// dpre n x H, emb n x (T*E), weight H x (T*E), demb n x (T*E) scratch, grad_table V x E.
+template <typename T>
+inline void direct_backward_rows(int64_t n, const int64_t* idx, const T* dpre, const T* emb,
+                                 const T* weight, T* demb, T* grad_weight, T* grad_table,
+                                 int64_t Tn, int64_t E, int64_t H) {
+  const int64_t TE = Tn * E;
+  small_gemm<T>(H, TE, n, transposed(dpre, H), emb, TE, grad_weight, TE, /*accumulate=*/true);
+  small_gemm<T>(n, TE, H, row_major(dpre, H), weight, TE, demb, TE, /*accumulate=*/false);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < Tn; ++j) {
+      T* dst = grad_table + idx[r * Tn + j] * E;
+      const T* src = demb + (r * Tn + j) * E;
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
     }
   }
 }

@@ -72,12 +72,33 @@ if(CHARMLP_WITH_CUDA)
     endif()
   endif()
 
+  # Same for libnvrtc, which torch's CMake config puts on the link line
+  # (CUDA_nvrtc_LIBRARY): at run time torch has already loaded the wheel's copy.
+  if(NOT CUDA_nvrtc_LIBRARY)
+    file(GLOB _charmlp_nvrtc "${CUDA_TOOLKIT_ROOT_DIR}/lib64/libnvrtc.so*" "${CUDA_TOOLKIT_ROOT_DIR}/lib/libnvrtc.so*"
+                             "${CUDA_TOOLKIT_ROOT_DIR}/targets/*/lib/libnvrtc.so*")
+    if(NOT _charmlp_nvrtc)
+      execute_process(
+        COMMAND "${Python_EXECUTABLE}" -c
+          "import glob, os, site; c = [f for p in site.getsitepackages() for f in sorted(glob.glob(os.path.join(p, 'nvidia', '*', 'lib', 'libnvrtc.so*'))) if 'builtins' not in f and '.alt.' not in f]; print(c[0] if c else '')"
+        OUTPUT_VARIABLE _charmlp_wheel_nvrtc OUTPUT_STRIP_TRAILING_WHITESPACE)
+      if(_charmlp_wheel_nvrtc)
+        message(STATUS "charmlp: ${CUDA_TOOLKIT_ROOT_DIR} has no libnvrtc; using ${_charmlp_wheel_nvrtc}")
+        set(CUDA_nvrtc_LIBRARY "${_charmlp_wheel_nvrtc}" CACHE FILEPATH "libnvrtc (from torch's nvidia wheel)" FORCE)
+        set(CUDA_NVRTC_LIB "${_charmlp_wheel_nvrtc}" CACHE FILEPATH "" FORCE)
+      endif()
+    endif()
+  endif()
+
   enable_language(CUDA)
   if(CHARMLP_CUDA_EXTRA_INCLUDE)
     string(APPEND CMAKE_CUDA_FLAGS " ${CHARMLP_CUDA_EXTRA_FLAGS}")
     string(APPEND CMAKE_CXX_FLAGS " ${CHARMLP_CUDA_EXTRA_FLAGS}")
   endif()
-  file(GLOB CHARMLP_CUDA_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu")
+  # Kernels (*.cu, nvcc) and their host wrappers (*.cpp, the C++ compiler): see
+  # csrc/cuda/kernels.h for why they are split.
+  file(GLOB CHARMLP_CUDA_SOURCES CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cu"
+                                                   "${CMAKE_CURRENT_SOURCE_DIR}/csrc/cuda/*.cpp")
   message(STATUS "charmlp: CUDA kernels ON (torch CUDA ${CHARMLP_TORCH_CUDA}, arch $ENV{TORCH_CUDA_ARCH_LIST})")
 else()
   message(STATUS "charmlp: CUDA kernels OFF")

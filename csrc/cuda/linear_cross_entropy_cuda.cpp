@@ -1,0 +1,156 @@
+// Host side of the CUDA linear_cross_entropy ops: path choice (fused small-vocabulary
+// kernels vs cuBLAS logits + cross_entropy kernels), checks, allocation, registration.
+// Kernels and math: linear_cross_entropy_kernels.cu.
+#include <torch/library.h>
+
+#include "cuda/host_common.h"
+#include "cuda/ops_cuda.h"
+
+namespace charmlp {
+namespace cuda {
+
+namespace {
+
+// Generic path: logits by cuBLAS, in a temporary that lives only inside one call.
+at::Tensor linear_logits(const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias) {
+  return bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_launch(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
+  const auto acc_dtype = at::toOpMathType(input.scalar_type());
+  const size_t acc_size = acc_dtype == at::kDouble ? 8 : 4;
+  if (!lce_fused_ok(V, H, acc_size, false)) {
+    return cross_entropy_launch(linear_logits(input, weight, bias), target, reduction,
+                                ignore_index, label_smoothing);
+  }
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), tgt = index_tensor(target);
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor lse = at::empty({B}, input.options().dtype(acc_dtype));
+  at::Tensor loss = reduction == kReductionNone ? at::empty({B}, input.options())
+                                                : at::empty({}, input.options());
+  const int blocks = lce_blocks(B);
+  at::Tensor psum, pcount;
+  if (blocks > 1 && reduction != kReductionNone) {
+    psum = at::empty({blocks}, lse.options());
+    pcount = at::empty({blocks}, input.options().dtype(at::kLong));
+  }
+  CHARMLP_DISPATCH_FLOAT(input.scalar_type(), "linear_cross_entropy_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool none = reduction == kReductionNone;
+    launch_lce_forward<scalar_t, acc_t>(
+        x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+        bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
+        tgt.const_data_ptr<int64_t>(), B, H, V, ignore_index, static_cast<acc_t>(label_smoothing),
+        reduction, lse.mutable_data_ptr<acc_t>(), none ? loss.mutable_data_ptr<scalar_t>() : nullptr,
+        psum.defined() ? psum.mutable_data_ptr<acc_t>() : nullptr,
+        pcount.defined() ? as_ll(pcount.mutable_data_ptr<int64_t>()) : nullptr,
+        none ? nullptr : loss.mutable_data_ptr<scalar_t>(), blocks, index_error_record(),
+        current_stream());
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_launch(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
+    int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
+  const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
+  const auto acc_dtype = at::toOpMathType(input.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B && lse.scalar_type() == acc_dtype,
+                    "charmlp: lse must be the [B] ", acc_dtype,
+                    " tensor returned by the forward, got ", lse.scalar_type(), " of shape ",
+                    shape_str(lse));
+  check_same_device(input, "input", lse, "lse");
+  if (grad_loss.defined()) {
+    check_grad_loss(grad_loss, reduction, B);
+    check_same_device(input, "input", grad_loss, "grad_loss");
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  const size_t acc_size = acc_dtype == at::kDouble ? 8 : 4;
+
+  if (B == 0) {
+    return {at::zeros_like(input, at::MemoryFormat::Contiguous),
+            at::zeros_like(weight, at::MemoryFormat::Contiguous), at::zeros({V}, weight.options())};
+  }
+  if (!lce_fused_ok(V, H, acc_size, true)) {
+    // Generic: recompute logits with cuBLAS, one-pass softmax gradient, cuBLAS GEMMs.
+    const at::Tensor logits = linear_logits(input, weight, bias);
+    const at::Tensor dz = cross_entropy_backward_launch(grad_loss, logits, target, lse, reduction,
+                                                        ignore_index, label_smoothing);
+    at::Tensor grad_input = at::mm(dz, weight);
+    at::Tensor grad_weight = at::mm(dz.t(), input);
+    at::Tensor grad_bias = at::sum(dz, {0}, false, acc_dtype).to(input.scalar_type());
+    return {grad_input, grad_weight, grad_bias};
+  }
+
+  const at::Tensor x = input.contiguous(), w = weight.contiguous(), tgt = index_tensor(target);
+  const at::Tensor l = lse.contiguous();
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor g = grad_loss.defined() ? grad_loss.to(acc_dtype).contiguous() : at::Tensor();
+  at::Tensor grad_input = at::empty({B, H}, input.options());
+  at::Tensor grad_weight = at::empty({V, H}, input.options());
+  at::Tensor grad_bias = at::empty({V}, input.options());
+  const int blocks = lce_blocks(B);
+  at::Tensor pW, pb, count;
+  if (blocks > 1) {
+    pW = at::empty({blocks, V, H}, input.options().dtype(acc_dtype));
+    pb = at::empty({blocks, V}, pW.options());
+  }
+  if (needs_count_buffer(reduction, B, blocks)) count = at::empty({}, input.options().dtype(at::kLong));
+  CHARMLP_DISPATCH_FLOAT(input.scalar_type(), "linear_cross_entropy_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_lce_backward<scalar_t, acc_t>(
+        g.defined() ? g.const_data_ptr<acc_t>() : nullptr, reduction, x.const_data_ptr<scalar_t>(),
+        w.const_data_ptr<scalar_t>(), bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
+        tgt.const_data_ptr<int64_t>(), l.const_data_ptr<acc_t>(), B, H, V, ignore_index,
+        static_cast<acc_t>(label_smoothing), grad_input.mutable_data_ptr<scalar_t>(),
+        grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(),
+        pW.defined() ? pW.mutable_data_ptr<acc_t>() : nullptr,
+        pb.defined() ? pb.mutable_data_ptr<acc_t>() : nullptr,
+        count.defined() ? as_ll(count.mutable_data_ptr<int64_t>()) : nullptr, blocks,
+        index_error_record(), current_stream());
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cuda(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  auto result = linear_cross_entropy_launch(input, weight, bias, target, reduction, ignore_index,
+                                            label_smoothing);
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_index_errors();
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
+    int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  auto grads = linear_cross_entropy_backward_launch(grad_loss, input, weight, bias, target, lse,
+                                                    reduction, ignore_index, label_smoothing);
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_index_errors();
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cuda);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace charmlp

@@ -1,0 +1,668 @@
+"""The CUDA kernels of every charmlp op, against plain PyTorch.
+
+Skipped as a whole when there is no GPU or the extension was built without CUDA
+(scripts/check_cuda_build.sh compile-checks the kernels on machines without a GPU;
+scripts/gpu_check.sh runs this file on one).
+
+Covers: values and every gradient vs the reference (several shapes incl. odd ones
+and both the fused small-vocabulary and the generic paths; float32, float64,
+bfloat16; int64 and int32 indices), gradcheck in float64, torch.library.opcheck,
+torch.compile(fullgraph=True), CUDA-graph capture of a training step (the fused
+mlp_sgd_step and an autograd step), deterministic mode bitwise equal across runs,
+and bad indices raising IndexError without touching memory or parameters.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Deterministic-mode tests call cuBLAS (generic paths, reference ops); torch refuses
+# cuBLAS under use_deterministic_algorithms(True) without this.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import charmlp
+from charmlp import _C, ops
+
+OPS = [
+    "embed_linear_tanh",
+    "embed_linear_tanh_backward",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "linear_cross_entropy",
+    "linear_cross_entropy_backward",
+    "mlp_sgd_step",
+]
+
+
+def _cuda_kernels_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA") for op in OPS)
+
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not _cuda_kernels_ready(), reason="needs a CUDA device and charmlp's CUDA kernels"),
+]
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPE_IDS = ["f32", "f64", "bf16"]
+
+
+def _close(actual, expected, dtype, what=""):
+    """Compares with a tolerance scaled by the reference's magnitude (sums over many
+    rows differ in summation order; bf16 outputs are rounded to 8 bits).
+
+    bf16 gradients get 5e-2: the kernels see the bf16-rounded saved activations
+    (tanh' = 1 - out^2 from a rounded out), the float64 reference does not."""
+    expected = expected.to(torch.float64)
+    actual = actual.to(torch.float64)
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    rtol, atol = {
+        torch.float32: (1e-4, 1e-5),
+        torch.float64: (1e-9, 1e-11),
+        torch.bfloat16: (5e-2, 5e-2) if what.startswith("grad") else (2e-2, 2e-2),
+        torch.float16: (5e-3, 5e-3),
+    }[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _leaf(t, dtype):
+    return t.to(device=DEV, dtype=dtype).detach().requires_grad_()
+
+
+# ----------------------------------------------------------------------------------------
+# embed_linear_tanh
+# ----------------------------------------------------------------------------------------
+
+# (B, T, V, E, H): lecture size, tiny and odd sizes, more rows than a tile, large V
+# (the deterministic path's sort-based branch), a large batch (split reduction).
+ELT_SHAPES = [
+    (32, 3, 27, 10, 200),
+    (1, 1, 2, 1, 1),
+    (7, 5, 13, 3, 65),
+    (65, 2, 5, 1, 17),
+    (300, 4, 1000, 7, 33),
+    (4099, 3, 27, 10, 200),
+]
+
+
+def _elt_inputs(B, T, V, E, H, seed=0, idx_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g).to(idx_dtype)
+    table = torch.randn(V, E, generator=g, dtype=torch.float64)
+    weight = torch.randn(H, T * E, generator=g, dtype=torch.float64) / (T * E) ** 0.5
+    bias = torch.randn(H, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, H, generator=g, dtype=torch.float64)
+    return idx, table, weight, bias, grad_out
+
+
+def _elt_reference(idx, table, weight, bias):
+    B, T = idx.shape
+    return torch.tanh(F.linear(table[idx.long()].reshape(B, -1), weight, bias))
+
+
+@pytest.mark.parametrize("shape", ELT_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_embed_linear_tanh_matches_reference(shape, dtype, with_bias, embed_algorithm):
+    """Both CUDA algorithms (direct tiled GEMMs, folded gather/scatter) and the auto choice."""
+    idx, table, weight, bias, grad_out = _elt_inputs(*shape)
+    idx = idx.to(DEV)
+    params = [_leaf(table, dtype), _leaf(weight, dtype)] + ([_leaf(bias, dtype)] if with_bias else [])
+    out = ops.embed_linear_tanh(idx, *params, *([] if with_bias else [None]))
+    assert out.dtype == dtype and out.shape == (shape[0], shape[4])
+    grads = torch.autograd.grad(out, params, grad_out.to(DEV, dtype))
+
+    # Reference in float64 from the very same (rounded) parameter values.
+    ref_params = [_leaf(p.detach(), torch.float64) for p in params]
+    ref = _elt_reference(idx, *ref_params, *([] if with_bias else [None]))
+    ref_grads = torch.autograd.grad(ref, ref_params, grad_out.to(DEV, dtype).double())
+    _close(out, ref, dtype, "out")
+    for name, gr, rg in zip(["table", "weight", "bias"], grads, ref_grads):
+        assert gr.dtype == dtype
+        _close(gr, rg, dtype, f"grad_{name}")
+
+
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+def test_embed_linear_tanh_int32_and_noncontiguous(idx_dtype):
+    idx, table, weight, bias, grad_out = _elt_inputs(50, 3, 27, 10, 64, idx_dtype=idx_dtype)
+    # Non-contiguous operands: a transposed weight view and a strided idx.
+    idx_nc = torch.cat([idx, idx], dim=1).to(DEV)[:, ::2]
+    w_nc = weight.t().contiguous().to(DEV).t()
+    out = ops.embed_linear_tanh(idx_nc, table.to(DEV), w_nc, bias.to(DEV))
+    ref = _elt_reference(idx_nc, table.to(DEV), w_nc, bias.to(DEV))
+    _close(out, ref, torch.float64, "out")
+
+
+def test_embed_linear_tanh_backward_op_direct():
+    idx, table, weight, bias, grad_out = _elt_inputs(33, 3, 27, 10, 40)
+    idx, table, weight, bias, grad_out = (t.to(DEV) for t in (idx, table, weight, bias, grad_out))
+    out = ops.embed_linear_tanh(idx, table, weight, bias)
+    g_table, g_weight, g_bias = torch.ops.charmlp.embed_linear_tanh_backward(grad_out, out, idx, table, weight)
+    ref_params = [_leaf(p, torch.float64) for p in (table, weight, bias)]
+    ref = _elt_reference(idx, *ref_params)
+    ref_grads = torch.autograd.grad(ref, ref_params, grad_out)
+    for gr, rg in zip((g_table, g_weight, g_bias), ref_grads):
+        _close(gr, rg, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------
+# cross_entropy
+# ----------------------------------------------------------------------------------------
+
+CE_SHAPES = [(1, 2), (7, 3), (32, 27), (33, 32), (5, 33), (4099, 27), (64, 1000), (3, 5)]
+
+
+def _ce_inputs(B, V, ignore_frac=0.2, ignore_index=-100, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(B, V, generator=g, dtype=torch.float64)
+    target = torch.randint(0, V, (B,), generator=g)
+    if ignore_frac:
+        target[torch.rand(B, generator=g) < ignore_frac] = ignore_index
+    return logits, target
+
+
+def _ce_check(fn_ours, fn_ref, leaves, target, dtype, reduction, **kw):
+    loss = fn_ours(*leaves, target, reduction=reduction, **kw)
+    assert loss.dtype == dtype
+    grad_loss = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64, device=DEV).reshape(loss.shape)
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], grad_loss.to(dtype))
+    ref_leaves = [None if t is None else _leaf(t.detach(), torch.float64) for t in leaves]
+    ref = fn_ref(*ref_leaves, target, reduction=reduction, **kw)
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_leaves if t is not None], grad_loss.to(dtype).double())
+    _close(loss, ref, dtype, "loss")
+    for i, (gr, rg) in enumerate(zip(grads, ref_grads)):
+        _close(gr, rg, dtype, f"grad {i}")
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_reference(shape, dtype, reduction, label_smoothing):
+    logits, target = _ce_inputs(*shape)
+    _ce_check(ops.cross_entropy, F.cross_entropy, [_leaf(logits, dtype)], target.to(DEV), dtype, reduction,
+              label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 4])
+@pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64])
+def test_cross_entropy_ignore_index_and_int32(ignore_index, target_dtype):
+    logits, target = _ce_inputs(50, 5, ignore_frac=0.3, ignore_index=ignore_index)
+    for reduction in ["mean", "sum", "none"]:
+        loss = ops.cross_entropy(logits.to(DEV), target.to(DEV, target_dtype), reduction=reduction,
+                                 ignore_index=ignore_index, label_smoothing=0.05)
+        ref = F.cross_entropy(logits.to(DEV), target.to(DEV), reduction=reduction, ignore_index=ignore_index,
+                              label_smoothing=0.05)
+        _close(loss, ref, torch.float64, reduction)
+
+
+def test_cross_entropy_lse_and_all_ignored():
+    logits, target = _ce_inputs(40, 27, ignore_frac=0.0)
+    logits = logits.to(DEV)
+    _loss, lse = torch.ops.charmlp.cross_entropy(logits, target.to(DEV), 1, -100, 0.0)
+    _close(lse, torch.logsumexp(logits, dim=1), torch.float64, "lse")
+    lse32 = torch.ops.charmlp.cross_entropy(logits.bfloat16(), target.to(DEV), 1, -100, 0.0)[1]
+    assert lse32.dtype == torch.float32
+    # All ignored: mean is nan like torch, sum is 0, gradients are 0.
+    x = _leaf(logits, torch.float32)
+    t = torch.full((40,), -100, device=DEV)
+    assert torch.isnan(ops.cross_entropy(x, t, reduction="mean"))
+    loss = ops.cross_entropy(x, t, reduction="sum")
+    assert loss.item() == 0.0
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.count_nonzero(g) == 0
+
+
+# ----------------------------------------------------------------------------------------
+# linear_cross_entropy (fused V <= 32 path and generic cuBLAS path)
+# ----------------------------------------------------------------------------------------
+
+# (B, H, V): lecture, tiny, odd, many blocks, V > 32 (generic), H too big for shared memory (generic).
+LCE_SHAPES = [(32, 200, 27), (1, 1, 2), (7, 13, 5), (4099, 64, 27), (100, 50, 100), (3, 3000, 27)]
+
+
+@pytest.mark.parametrize("shape", LCE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_cross_entropy_matches_reference(shape, dtype, reduction, with_bias):
+    B, H, V = shape
+    g = torch.Generator().manual_seed(1)
+    x = torch.tanh(torch.randn(B, H, generator=g, dtype=torch.float64))
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
+    target = torch.randint(0, V, (B,), generator=g)
+    target[torch.rand(B, generator=g) < 0.2] = -100
+    leaves = [_leaf(x, dtype), _leaf(w, dtype), None if b is None else _leaf(b, dtype)]
+
+    def ref_fn(x, w, b, t, **kw):
+        return F.cross_entropy(F.linear(x, w, b), t, **kw)
+
+    for smoothing in (0.0, 0.1):
+        _ce_check(ops.linear_cross_entropy, ref_fn, leaves, target.to(DEV), dtype, reduction,
+                  label_smoothing=smoothing)
+
+
+def test_linear_cross_entropy_backward_always_returns_grad_bias():
+    B, H, V = 10, 8, 27
+    x, w = torch.randn(B, H, device=DEV), torch.randn(V, H, device=DEV)
+    t = torch.randint(0, V, (B,), device=DEV)
+    loss, lse = torch.ops.charmlp.linear_cross_entropy(x, w, None, t, 1, -100, 0.0)
+    gi, gw, gb = torch.ops.charmlp.linear_cross_entropy_backward(torch.ones((), device=DEV), x, w, None, t, lse,
+                                                                 1, -100, 0.0)
+    logits = (x @ w.T).requires_grad_()
+    (gl,) = torch.autograd.grad(F.cross_entropy(logits, t), logits)
+    _close(gb, gl.sum(0), torch.float32, "grad_bias")
+
+
+# ----------------------------------------------------------------------------------------
+# mlp_sgd_step (fused single-block path and general path)
+# ----------------------------------------------------------------------------------------
+
+
+def _reference_step(idx, target, params, lr):
+    ps = [p.detach().double().requires_grad_() for p in params]
+    table, w1, b1, w2, b2 = ps
+    B = idx.shape[0]
+    h = torch.tanh(F.linear(table[idx.long()].reshape(B, -1), w1, b1))
+    loss = F.cross_entropy(F.linear(h, w2, b2), target.long())
+    grads = torch.autograd.grad(loss, ps)
+    return loss.detach(), [(p - lr * g).detach() for p, g in zip(ps, grads)]
+
+
+def _step_params(V, T, E, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(V, E), (H, T * E), (H,), (V, H), (V,)]
+    return [(torch.randn(s, generator=g, dtype=torch.float64) * 0.5).to(DEV, dtype) for s in shapes]
+
+
+# (B, T, V, E, H): lecture (fused), B = 1, odd sizes, fused at B = 100 for float32,
+# the general path (B = 1000; V > 32).
+STEP_SHAPES = [(32, 3, 27, 10, 200), (1, 3, 27, 10, 200), (17, 5, 7, 3, 33), (100, 3, 27, 10, 200),
+               (1000, 3, 27, 10, 200), (40, 3, 40, 4, 50)]
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_mlp_sgd_step_matches_reference(shape, dtype, idx_dtype, embed_algorithm):
+    B, T, V, E, H = shape
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, V, (B, T), generator=g).to(DEV, idx_dtype)
+    target = torch.randint(0, V, (B,), generator=g)
+    if B > 1:
+        target[::7] = -100
+    target = target.to(DEV, idx_dtype)
+    params = _step_params(V, T, E, H, dtype)
+    lr = 0.1
+    ref_loss, ref_params = _reference_step(idx, target, params, lr)
+    loss = ops.mlp_sgd_step(idx, target, *params, lr)
+    assert loss.dtype == dtype and loss.shape == ()
+    _close(loss, ref_loss, dtype, "loss")
+    for name, p, rp in zip(["table", "weight1", "bias1", "weight2", "bias2"], params, ref_params):
+        _close(p, rp, dtype, name)
+
+
+def test_mlp_sgd_step_noncontiguous_params_are_updated():
+    V, T, E, H = 27, 3, 10, 64
+    params = _step_params(V, T, E, H, torch.float32)
+    w1_t = params[1].t().contiguous()  # [T*E, H]; pass its transpose view (non-contiguous)
+    params_nc = [params[0], w1_t.t(), params[2], params[3], params[4]]
+    idx = torch.randint(0, V, (32, T), device=DEV)
+    target = torch.randint(0, V, (32,), device=DEV)
+    ref_loss, ref_params = _reference_step(idx, target, params_nc, 0.1)
+    ops.mlp_sgd_step(idx, target, *params_nc, 0.1)
+    _close(params_nc[1], ref_params[1], torch.float32, "weight1 (non-contiguous)")
+
+
+def test_model_fused_matches_unfused_on_cuda():
+    torch.manual_seed(0)
+    fused = charmlp.MLPLanguageModel(27, 3, 10, 200, fused=True, device=DEV)
+    plain = charmlp.MLPLanguageModel(27, 3, 10, 200, fused=False, device=DEV)
+    plain.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 27, (32, 3), device=DEV)
+    y = torch.randint(0, 27, (32,), device=DEV)
+    _close(fused(idx, y)[1], plain(idx, y)[1], torch.float32, "loss")
+    for _ in range(3):
+        lf = fused.sgd_step(idx, y, 0.1)
+        lp = plain.sgd_step(idx, y, 0.1)
+        _close(lf, lp, torch.float32, "sgd loss")
+    for (n, a), b in zip(fused.named_parameters(), plain.parameters()):
+        _close(a, b, torch.float32, n)
+
+
+# ----------------------------------------------------------------------------------------
+# gradcheck (float64) and opcheck
+# ----------------------------------------------------------------------------------------
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 6, (5, 3), generator=g).to(DEV)
+    table = torch.randn(6, 2, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    weight = torch.randn(4, 6, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    bias = torch.randn(4, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    # nondet_tol: repeated indices accumulate with atomics (order may differ run to run).
+    assert torch.autograd.gradcheck(lambda t, w, b: ops.embed_linear_tanh(idx, t, w, b), (table, weight, bias),
+                                    nondet_tol=1e-12)
+
+    logits = torch.randn(6, 5, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+    target = torch.tensor([0, 4, -100, 2, 1, 3], device=DEV)
+    for red in ["mean", "sum", "none"]:
+        assert torch.autograd.gradcheck(
+            lambda x: ops.cross_entropy(x, target, reduction=red, label_smoothing=0.1), (logits,))
+
+    for V in (5, 40):  # fused and generic paths
+        x = torch.randn(6, 4, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+        w = torch.randn(V, 4, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+        b = torch.randn(V, generator=g, dtype=torch.float64).to(DEV).requires_grad_()
+        for red in ["mean", "none"]:
+            assert torch.autograd.gradcheck(
+                lambda x, w, b: ops.linear_cross_entropy(x, w, b, target, reduction=red, label_smoothing=0.1),
+                (x, w, b))
+
+
+def _opcheck_cases():
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    idx = torch.randint(0, 9, (6, 3), generator=g).to(DEV)
+    target = torch.tensor([0, 4, -100, 2, 8, 3], device=DEV)
+    table, w1, b1 = r(9, 4).requires_grad_(), r(5, 12).requires_grad_(), r(5).requires_grad_()
+    h, w2, b2 = torch.tanh(r(6, 5)), r(9, 5), r(9)
+    logits = r(6, 9)
+    out = ops.embed_linear_tanh(idx, table, w1, b1).detach()
+    _, lse = torch.ops.charmlp.cross_entropy(logits, target, 1, -100, 0.1)
+    _, lse2 = torch.ops.charmlp.linear_cross_entropy(h, w2, b2, target, 1, -100, 0.1)
+    P = torch.ops.charmlp
+    return [
+        (P.embed_linear_tanh.default, (idx, table, w1, b1)),
+        (P.embed_linear_tanh.default, (idx, table, w1, None)),
+        (P.embed_linear_tanh_backward.default, (r(6, 5), out, idx, table.detach(), w1.detach())),
+        (P.cross_entropy.default, (logits.requires_grad_(), target, 1, -100, 0.1)),
+        (P.cross_entropy.default, (logits, target, 0, -100, 0.0)),
+        (P.cross_entropy_backward.default, (torch.ones((), device=DEV), logits.detach(), target, lse, 1, -100, 0.1)),
+        (P.linear_cross_entropy.default, (h.requires_grad_(), w2.requires_grad_(), b2.requires_grad_(), target, 2, -100, 0.1)),
+        (P.linear_cross_entropy_backward.default,
+         (torch.ones((), device=DEV), h.detach(), w2.detach(), b2.detach(), target, lse2, 1, -100, 0.1)),
+        (P.mlp_sgd_step.default,
+         (idx, target, table.detach().clone(), w1.detach().clone(), b1.detach().clone(), r(9, 5), r(9), 0.1)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile and CUDA graphs
+# ----------------------------------------------------------------------------------------
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = charmlp.MLPLanguageModel(27, 3, 10, 64, fused=True, device=DEV)
+    idx = torch.randint(0, 27, (32, 3), device=DEV)
+    y = torch.randint(0, 27, (32,), device=DEV)
+
+    def loss_fn(idx, y):
+        return model(idx, y, return_logits=False)[1]
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    eager_loss = loss_fn(idx, y)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    loss = compiled(idx, y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    _close(loss, eager_loss, torch.float32, "loss")
+    for a, b in zip(grads, eager_grads):
+        _close(a, b, torch.float32, "grad")
+
+    # The fused step (a mutating op) compiles too.
+    params = _step_params(27, 3, 10, 64, torch.float32)
+    ref_params = [p.clone() for p in params]
+    step = torch.compile(lambda i, t, ps: ops.mlp_sgd_step(i, t, *ps, 0.1), fullgraph=True)
+    l1 = step(idx, y, params)
+    l2 = ops.mlp_sgd_step(idx, y, *ref_params, 0.1)
+    _close(l1, l2, torch.float32, "compiled step loss")
+    for a, b in zip(params, ref_params):
+        _close(a, b, torch.float32, "compiled step params")
+
+
+def _warmup(fn, n=3):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(n):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+
+
+@pytest.mark.parametrize("B", [32, 1000], ids=["fused", "general"])
+def test_cuda_graph_fused_sgd_step(B):
+    V, T, E, H = 27, 3, 10, 200
+    params = _step_params(V, T, E, H, torch.float32)
+    static_idx = torch.randint(0, V, (B, T), device=DEV)
+    static_y = torch.randint(0, V, (B,), device=DEV)
+    _warmup(lambda: ops.mlp_sgd_step(static_idx, static_y, *params, 0.1))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = ops.mlp_sgd_step(static_idx, static_y, *params, 0.1)
+
+    eager = [p.clone() for p in params]
+    for step in range(3):
+        idx = torch.randint(0, V, (B, T), device=DEV)
+        y = torch.randint(0, V, (B,), device=DEV)
+        static_idx.copy_(idx)
+        static_y.copy_(y)
+        graph.replay()
+        ref_loss = ops.mlp_sgd_step(idx, y, *eager, 0.1)
+        torch.cuda.synchronize()
+        _close(static_loss, ref_loss, torch.float32, f"loss step {step}")
+        for a, b in zip(params, eager):
+            _close(a, b, torch.float32, f"params step {step}")
+
+    # A bad index inside the graph: no memory corruption, parameters untouched, and
+    # the next charmlp call outside the graph raises.
+    before = [p.clone() for p in params]
+    static_idx[0, 0] = V + 5
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(params, before):
+        assert torch.equal(a, b)
+    with pytest.raises(IndexError, match="outside the valid range"):
+        ops.cross_entropy(torch.randn(4, V, device=DEV), torch.zeros(4, dtype=torch.long, device=DEV))
+    # Reported once: the next call is clean.
+    ops.cross_entropy(torch.randn(4, V, device=DEV), torch.zeros(4, dtype=torch.long, device=DEV))
+
+
+def test_cuda_graph_autograd_training_step():
+    torch.manual_seed(0)
+    model = charmlp.MLPLanguageModel(27, 3, 10, 200, fused=True, device=DEV)
+    eager = charmlp.MLPLanguageModel(27, 3, 10, 200, fused=True, device=DEV)
+    eager.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1)
+    static_idx = torch.randint(0, 27, (32, 3), device=DEV)
+    static_y = torch.randint(0, 27, (32,), device=DEV)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model(static_idx, static_y, return_logits=False)[1]
+        loss.backward()
+        opt.step()
+        return loss
+
+    # Warm-up changes the parameters: re-sync the eager copy afterwards.
+    _warmup(step)
+    eager.load_state_dict(model.state_dict())
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = model(static_idx, static_y, return_logits=False)[1]
+        static_loss.backward()
+        opt.step()
+
+    for s in range(3):
+        idx = torch.randint(0, 27, (32, 3), device=DEV)
+        y = torch.randint(0, 27, (32,), device=DEV)
+        static_idx.copy_(idx)
+        static_y.copy_(y)
+        graph.replay()
+        opt_eager.zero_grad(set_to_none=True)
+        ref = eager(idx, y, return_logits=False)[1]
+        ref.backward()
+        opt_eager.step()
+        torch.cuda.synchronize()
+        _close(static_loss, ref, torch.float32, f"loss {s}")
+        for a, b in zip(model.parameters(), eager.parameters()):
+            _close(a, b, torch.float32, f"param {s}")
+
+
+# ----------------------------------------------------------------------------------------
+# Deterministic mode
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deterministic():
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+@pytest.mark.parametrize(
+    "shape,algorithm",
+    [((4099, 3, 27, 10, 200), "direct"), ((2000, 3, 1000, 7, 33), "direct"), ((4099, 3, 27, 10, 200), "folded")],
+    ids=["owned", "sorted", "folded"],
+)
+def test_deterministic_embed_backward_bitwise(deterministic, shape, algorithm):
+    """direct: owned-entry reduction (small V*E) or ATen's sorted index_put_ (large);
+    folded: always atomic-free."""
+    _C._set_embed_algorithm(algorithm)
+    try:
+        _deterministic_embed_backward(shape)
+    finally:
+        _C._set_embed_algorithm("auto")
+
+
+def _deterministic_embed_backward(shape):
+    idx, table, weight, bias, grad_out = (t.to(DEV) for t in _elt_inputs(*shape))
+    table, weight, bias, grad_out = (t.float() for t in (table, weight, bias, grad_out))
+    out = ops.embed_linear_tanh(idx, table, weight, bias)
+    runs = [torch.ops.charmlp.embed_linear_tanh_backward(grad_out, out, idx, table, weight) for _ in range(3)]
+    for r in runs[1:]:
+        for a, b in zip(r, runs[0]):
+            assert torch.equal(a, b)
+    # Same values as the (atomic) default mode, up to summation order.
+    torch.use_deterministic_algorithms(False)
+    atomic = torch.ops.charmlp.embed_linear_tanh_backward(grad_out, out, idx, table, weight)
+    for a, b in zip(atomic, runs[0]):
+        _close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("B", [32, 4099], ids=["fused", "general"])
+def test_deterministic_training_bitwise(deterministic, B):
+    V, T, E, H = 27, 3, 10, 200
+    idx = torch.randint(0, V, (B, T), device=DEV)
+    y = torch.randint(0, V, (B,), device=DEV)
+    results = []
+    for _ in range(2):
+        params = _step_params(V, T, E, H, torch.float32)
+        losses = [ops.mlp_sgd_step(idx, y, *params, 0.1) for _ in range(3)]
+        x = torch.tanh(torch.randn(B, H, device=DEV, generator=torch.Generator(DEV).manual_seed(0)))
+        xl = x.requires_grad_()
+        w = params[3].detach().requires_grad_()
+        lce = ops.linear_cross_entropy(xl, w, params[4], y)
+        grads = torch.autograd.grad(lce, [xl, w])
+        results.append((losses, params, lce, grads))
+    (l0, p0, c0, g0), (l1, p1, c1, g1) = results
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1))
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert torch.equal(c0, c1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+# ----------------------------------------------------------------------------------------
+# Bad indices
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [27, -1, 10**9])
+def test_bad_indices_raise(bad):
+    V, T, E, H, B = 27, 3, 10, 20, 8
+    table, w1, b1 = torch.randn(V, E, device=DEV), torch.randn(H, T * E, device=DEV), torch.randn(H, device=DEV)
+    idx = torch.randint(0, V, (B, T), device=DEV)
+    idx[2, 1] = bad
+    with pytest.raises(IndexError, match=rf"charmlp: idx contains {bad} at flat position 7, outside the valid range \[0, 27\)"):
+        ops.embed_linear_tanh(idx, table, w1, b1)
+    good = torch.randint(0, V, (B, T), device=DEV)
+    out = ops.embed_linear_tanh(good, table, w1, b1)  # the record was reset
+    with pytest.raises(IndexError, match="idx contains"):
+        torch.ops.charmlp.embed_linear_tanh_backward(torch.ones_like(out), out, idx, table, w1)
+
+    logits = torch.randn(B, V, device=DEV)
+    target = torch.randint(0, V, (B,), device=DEV)
+    target[5] = bad if bad != -1 else -7
+    val = bad if bad != -1 else -7
+    with pytest.raises(IndexError, match=rf"charmlp: target contains {val} at flat position 5"):
+        ops.cross_entropy(logits, target)
+    _, lse = torch.ops.charmlp.cross_entropy(logits, torch.zeros_like(target), 1, -100, 0.0)
+    with pytest.raises(IndexError, match="target contains"):
+        torch.ops.charmlp.cross_entropy_backward(torch.ones((), device=DEV), logits, target, lse, 1, -100, 0.0)
+    w2, b2 = torch.randn(V, H, device=DEV), torch.randn(V, device=DEV)
+    h = torch.randn(B, H, device=DEV)
+    with pytest.raises(IndexError, match="target contains"):
+        ops.linear_cross_entropy(h, w2, b2, target)
+
+    # The fused step: exception, and no parameter changed.
+    params = [table, w1, b1, w2, b2]
+    before = [p.clone() for p in params]
+    with pytest.raises(IndexError, match="idx contains"):
+        ops.mlp_sgd_step(idx, torch.randint(0, V, (B,), device=DEV), *params, 0.1)
+    with pytest.raises(IndexError, match="target contains"):
+        ops.mlp_sgd_step(good, target, *params, 0.1)
+    for a, b in zip(params, before):
+        assert torch.equal(a, b)
+    torch.cuda.synchronize()  # the context is healthy: no device-side assert fired
+
+
+def test_async_index_check_mode_reports_on_a_later_call():
+    """CHARMLP_CUDA_INDEX_CHECK=async: no sync per op; the error surfaces on a later op."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch, charmlp
+        from charmlp import ops
+        x = torch.randn(4, 5, device="cuda")
+        bad = torch.tensor([0, 1, 7, 2], device="cuda")
+        good = torch.tensor([0, 1, 2, 3], device="cuda")
+        try:
+            ops.cross_entropy(x, bad)  # may or may not raise yet
+        except IndexError as e:
+            print("RAISED-AT-CALL", e); raise SystemExit(0)
+        torch.cuda.synchronize()
+        try:
+            ops.cross_entropy(x, good)
+        except IndexError as e:
+            print("RAISED-LATER", e); raise SystemExit(0)
+        raise SystemExit("no IndexError")
+        """
+    )
+    env = dict(os.environ, CHARMLP_CUDA_INDEX_CHECK="async")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "RAISED-LATER" in r.stdout and "target contains 7 at flat position 2" in r.stdout, r.stdout

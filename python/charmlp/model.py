@@ -141,8 +141,10 @@ class MLPLanguageModel(nn.Module):
         p = self.embed.table
         key = (p.device.type, p.dtype)
         if key not in _FUSED_STEP_KERNELS:
-            _FUSED_STEP_KERNELS[key] = p.dtype in (torch.float32, torch.float64) and (
-                torch._C._dispatch_has_kernel_for_dispatch_key("charmlp::mlp_sgd_step", p.device.type.upper())
+            # CPU: float32/float64; CUDA also takes bfloat16/float16 (float32 accumulation).
+            dtype_ok = p.dtype in (torch.float32, torch.float64) or p.device.type == "cuda"
+            _FUSED_STEP_KERNELS[key] = dtype_ok and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "charmlp::mlp_sgd_step", p.device.type.upper()
             )
         return _FUSED_STEP_KERNELS[key]
 

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -98,20 +99,36 @@ inline void check_reduction(int64_t reduction) {
                     "charmlp: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
+// target [B] next to a [B, *] float tensor `ref`, plus the loss options.
+inline void check_target_and_loss_options(const at::Tensor& target, const at::Tensor& ref,
+                                          const char* ref_name, int64_t reduction,
+                                          double label_smoothing) {
+  check_index_tensor(target, "target");
+  check_dim(target, 1, "target", "[B]");
+  TORCH_CHECK_VALUE(target.size(0) == ref.size(0), "charmlp: target must have shape [B] = [",
+                    ref.size(0), "] to match ", ref_name, " ", shape_str(ref), ", got ",
+                    shape_str(target));
+  check_same_device(ref, ref_name, target, "target");
+  check_reduction(reduction);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "charmlp: label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+// lse: the [B] float32/64 tensor a loss forward returned for the float tensor `ref` [B, *].
+inline void check_saved_lse(const at::Tensor& lse, const at::Tensor& ref, const char* ref_name) {
+  const auto acc = at::toOpMathType(ref.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == ref.size(0) && lse.scalar_type() == acc,
+                    "charmlp: lse must be the [B] ", acc, " tensor returned by the forward, got ",
+                    lse.scalar_type(), " of shape ", shape_str(lse));
+  check_same_device(ref, ref_name, lse, "lse");
+}
+
 // logits [B, V], target [B].
 inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
                                      int64_t reduction, double label_smoothing) {
   check_float_tensor(logits, "logits");
   check_dim(logits, 2, "logits", "[B, V]");
-  check_index_tensor(target, "target");
-  check_dim(target, 1, "target", "[B]");
-  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), "charmlp: target must have shape [B] = [",
-                    logits.size(0), "] to match logits ", shape_str(logits), ", got ",
-                    shape_str(target));
-  check_same_device(logits, "logits", target, "target");
-  check_reduction(reduction);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "charmlp: label_smoothing must be in [0, 1], got ", label_smoothing);
+  check_target_and_loss_options(target, logits, "logits", reduction, label_smoothing);
   TORCH_CHECK_VALUE(logits.size(1) > 0 || logits.size(0) == 0,
                     "charmlp: logits has no classes (V = 0), so no target can be valid");
 }
@@ -149,15 +166,7 @@ inline void check_linear_cross_entropy_args(const at::Tensor& input, const at::T
     check_same_dtype(input, "input", *bias, "bias");
     check_same_device(input, "input", *bias, "bias");
   }
-  check_index_tensor(target, "target");
-  check_dim(target, 1, "target", "[B]");
-  TORCH_CHECK_VALUE(target.size(0) == input.size(0), "charmlp: target must have shape [B] = [",
-                    input.size(0), "] to match input ", shape_str(input), ", got ",
-                    shape_str(target));
-  check_same_device(input, "input", target, "target");
-  check_reduction(reduction);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "charmlp: label_smoothing must be in [0, 1], got ", label_smoothing);
+  check_target_and_loss_options(target, input, "input", reduction, label_smoothing);
   TORCH_CHECK_VALUE(weight.size(0) > 0 || input.size(0) == 0,
                     "charmlp: weight has no rows (V = 0), so no target can be valid");
 }

@@ -115,9 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
   const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
   const auto acc = at::toOpMathType(input.scalar_type());
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B && lse.scalar_type() == acc,
-                    "charmlp: lse must be the [B] ", acc, " tensor returned by the forward, got ",
-                    lse.scalar_type(), " of shape ", shape_str(lse));
+  check_saved_lse(lse, input, "input");
   check_grad_loss(grad_loss, reduction, B);
   const Inputs in = prepare(input, weight, bias, target, ignore_index);
   const at::Tensor scale = row_grad_scales(grad_loss, in.target, reduction, ignore_index, acc);

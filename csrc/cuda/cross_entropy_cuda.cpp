@@ -48,11 +48,7 @@ at::Tensor cross_entropy_backward_launch(const at::Tensor& grad_loss, const at::
   check_cross_entropy_args(logits, target, reduction, label_smoothing);
   const int64_t B = logits.size(0), V = logits.size(1);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B && lse.scalar_type() == acc_dtype,
-                    "charmlp: lse must be the [B] ", acc_dtype,
-                    " tensor returned by the forward, got ", lse.scalar_type(), " of shape ",
-                    shape_str(lse));
-  check_same_device(logits, "logits", lse, "lse");
+  check_saved_lse(lse, logits, "logits");
   if (grad_loss.defined()) {  // undefined: internal callers meaning d(loss) = 1
     check_grad_loss(grad_loss, reduction, B);
     check_same_device(logits, "logits", grad_loss, "grad_loss");

@@ -65,11 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_lau
   check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
   const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
   const auto acc_dtype = at::toOpMathType(input.scalar_type());
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == B && lse.scalar_type() == acc_dtype,
-                    "charmlp: lse must be the [B] ", acc_dtype,
-                    " tensor returned by the forward, got ", lse.scalar_type(), " of shape ",
-                    shape_str(lse));
-  check_same_device(input, "input", lse, "lse");
+  check_saved_lse(lse, input, "input");
   if (grad_loss.defined()) {
     check_grad_loss(grad_loss, reduction, B);
     check_same_device(input, "input", grad_loss, "grad_loss");

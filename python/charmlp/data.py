@@ -28,8 +28,9 @@ silently mapped to ASCII. Each line is
 
 A line is *unusable*, and skipped with a warning that names the file and line, when it
 contains ``'.'`` (reserved for the start/end token: a name like "st. john" would end the
-word in the middle) or a control/format character (Unicode category C*, e.g. a tab or a
-zero-width joiner), which would print invisibly in samples. A file with no usable word is
+word in the middle) or a non-printable character (``str.isprintable``: control and format
+characters such as a tab or a zero-width joiner, and spaces other than the plain space),
+which would print invisibly in samples. A file with no usable word is
 an error. The vocabulary is built from the whole corpus before splitting, like the
 lecture, so dev and test never contain unknown characters; a character outside the
 vocabulary at evaluation or sampling time is a :class:`VocabError`.
@@ -96,9 +97,10 @@ def normalize_word(line: str, lowercase: bool = True) -> tuple[str | None, str |
         word = word.lower()
     if START_END in word:
         return None, f"contains {START_END!r}, the reserved start/end token"
-    for ch in word:
-        if unicodedata.category(ch).startswith("C"):
-            return None, f"contains the control/format character U+{ord(ch):04X}"
+    if not word.isprintable():  # one C-level scan; find the culprit only on failure
+        ch = next(c for c in word if not c.isprintable())
+        return None, (f"contains the non-printable character U+{ord(ch):04X} "
+                      f"({unicodedata.name(ch, unicodedata.category(ch))})")
     return word, None
 
 

@@ -83,6 +83,8 @@ def sample_words(model, vocab: Vocab, n: int, generator: torch.Generator | None 
                 kth = torch.topk(logits, top_k, dim=1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits, dim=1)
+            if not bool(torch.isfinite(probs).all()):
+                raise ValueError("the model's outputs are not finite (did training diverge?)")
             ix = int(torch.multinomial(probs, num_samples=1, generator=generator).item())
             context = context[1:] + [ix]
             if ix == 0:

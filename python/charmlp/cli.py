@@ -1,0 +1,383 @@
+"""The ``charmlp`` command: train, lr-find, sample, eval, plot.
+
+Each subcommand is a thin layer over the library (:mod:`charmlp.train`,
+:mod:`charmlp.sample`, :mod:`charmlp.plot`); what this module adds is argument parsing and
+turning the library's errors into one-line messages with a non-zero exit status
+(2: bad input or settings, 130: interrupted) instead of tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH", default=None,
+                   help="word list, one word per line (default: the embedded names corpus, 5,163 "
+                        "US Census first names from the 'names' package)")
+    g.add_argument("--keep-case", action="store_true", default=None,
+                   help="keep upper case (default: lower-case every word)")
+    g.add_argument("--split-seed", type=_nonneg_int, default=None, metavar="S",
+                   help="seed of the word shuffle before splitting (default: the lecture's 42)")
+    g.add_argument("--test-count", type=_nonneg_int, default=None, metavar="K",
+                   help="fixed-size split: K test words, --dev-count dev words (default K), rest "
+                        "train (default: the lecture's 80/10/10)")
+    g.add_argument("--dev-count", type=_nonneg_int, default=None, metavar="K")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--block-size", type=_positive_int, default=None, metavar="T",
+                   help="context length in characters (default: 3)")
+    g.add_argument("--emb-dim", type=_positive_int, default=None, metavar="E",
+                   help="embedding width (default: 10)")
+    g.add_argument("--hidden", type=_positive_int, default=None, metavar="H",
+                   help="hidden layer width (default: 200)")
+    g.add_argument("--init", choices=("notebook", "default"), default=None,
+                   help="parameter init: the notebook's randn draws (default) or nn.Linear's")
+    g.add_argument("--seed", type=_nonneg_int, default=None, metavar="S",
+                   help="seed of the init and minibatch generators (default: the notebook's "
+                        "2147483647, which reproduces its parameters)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--reference", action="store_true", default=None,
+                   help="plain PyTorch ops instead of the fused charmlp kernels (same numbers)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu")
+    g.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch intra-op threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="charmlp",
+        description="Character-level MLP language model (Bengio et al. 2003; the makemore MLP "
+                    "lecture) with fused CPU/CUDA kernels.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- train
+    p = sub.add_parser("train", help="train a model (defaults: the lecture's final model)",
+                       description="Train the MLP language model. Defaults are the lecture's final "
+                                   "model: block 3, emb 10, hidden 200, 200,000 steps of batch 32, "
+                                   "SGD at 0.1 then 0.01 from step 100,000, notebook init. Works "
+                                   "unchanged under torchrun --nproc-per-node N (DDP).")
+    _add_data_args(p)
+    _add_model_args(p)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=_positive_int, default=None, help="default: 200000")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="minibatch size (per process under torchrun; default: 32)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: sgd")
+    g.add_argument("--lr-schedule", choices=("step", "cosine", "constant"), default=None,
+                   help="step: --lr, then --lr-final from half-way (the lecture); cosine: --lr "
+                        "decaying to --lr-final; constant: --lr (default: step)")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="initial learning rate (default: 0.1 for sgd, 0.01 for adamw)")
+    g.add_argument("--lr-final", type=_nonneg_float, default=None,
+                   help="final learning rate (default: 0.01 for sgd, 0.001 for adamw)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
+                   help="default: 0 for sgd, 0.01 for adamw (sgd with decay uses torch.optim.SGD)")
+    _add_runtime_args(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="RUN_DIR", default=None,
+                   help="run directory (default: runs/YYYYmmdd-HHMMSS)")
+    g.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR from its checkpoint (its settings are kept; "
+                        "only --steps, --threads, --device, --reference, --eval-every, "
+                        "--checkpoint-every, --eval-batch-size, --samples may change)")
+    g.add_argument("--eval-every", type=_nonneg_int, default=None, metavar="N",
+                   help="evaluate the full train and dev loss every N steps, 0 = only at the end "
+                        "(default: 20000)")
+    g.add_argument("--checkpoint-every", type=_nonneg_int, default=None, metavar="N",
+                   help="write a checkpoint every N steps, 0 = only at the end (default: 10000)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None, metavar="N",
+                   help="rows per evaluation batch (default: 65536)")
+    g.add_argument("--samples", type=_nonneg_int, default=None, dest="num_samples", metavar="N",
+                   help="words to sample at the end (default: 10)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    # ---- lr-find
+    p = sub.add_parser("lr-find", help="the lecture's learning-rate sweep",
+                       description="One SGD step at each of 10**linspace(MIN, MAX, NUM) (the lecture: "
+                                   "-3, 0, 1000), from the notebook init; plots loss against log10 "
+                                   "learning rate and prints a suggested rate.")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B", help="default: 32")
+    _add_runtime_args(p)
+    p.add_argument("--lr-min-exp", type=float, default=-3.0, metavar="MIN")
+    p.add_argument("--lr-max-exp", type=float, default=0.0, metavar="MAX")
+    p.add_argument("--num", type=_positive_int, default=1000, help="number of rates (default: 1000)")
+    p.add_argument("--out", metavar="PNG", default="runs/lr_find.png",
+                   help="plot file (default: runs/lr_find.png)")
+    p.set_defaults(func=cmd_lr_find)
+
+    # ---- sample
+    p = sub.add_parser("sample", help="sample new words from a trained run")
+    p.add_argument("run", metavar="RUN_DIR", help="run directory (or a checkpoint file)")
+    p.add_argument("-n", "--num", type=_nonneg_int, default=20, help="number of words (default: 20)")
+    p.add_argument("--seed", type=_nonneg_int, default=None,
+                   help="sampling seed; the same seed gives the same words (default: the "
+                        "notebook's 2147483657)")
+    p.add_argument("--temperature", type=_positive_float, default=1.0,
+                   help="divide the logits by T (default: 1)")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="sample only from the K most likely characters")
+    p.add_argument("--prefix", default="", help="start every word with these characters")
+    p.add_argument("--max-len", type=_positive_int, default=64,
+                   help="cut words at this length (default: 64)")
+    p.add_argument("--reference", action="store_true", help="plain PyTorch ops")
+    p.set_defaults(func=cmd_sample)
+
+    # ---- eval
+    p = sub.add_parser("eval", help="losses of a trained run on each split (or on --data)")
+    p.add_argument("run", metavar="RUN_DIR", help="run directory (or a checkpoint file)")
+    p.add_argument("--data", metavar="PATH", default=None,
+                   help="evaluate on this word list instead (must use the run's characters)")
+    p.add_argument("--batch-size", type=_positive_int, default=65_536)
+    p.add_argument("--reference", action="store_true", help="plain PyTorch ops")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.add_argument("--json", action="store_true", help="print the losses as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    # ---- plot
+    p = sub.add_parser("plot", help="loss curve and embedding PNGs of a run")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--out-dir", default=None, help="where to write the PNGs (default: RUN_DIR)")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+_TRAIN_KEYS = ("data", "block_size", "emb_dim", "hidden", "steps", "batch_size", "optimizer",
+               "lr_schedule", "lr", "lr_final", "weight_decay", "seed", "init", "reference",
+               "device", "threads", "split_seed", "test_count", "dev_count", "eval_every",
+               "checkpoint_every", "eval_batch_size", "num_samples")
+
+
+def _given(args: argparse.Namespace, keys) -> dict:
+    """The settings given on the command line (every default is None)."""
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "keep_case", None):
+        out["lowercase"] = False
+    return out
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    given = _given(args, _TRAIN_KEYS)
+    if args.resume is not None:
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise _Usage("--resume continues a run in place; drop --out")
+        train(TrainConfig(), resume=args.resume, overrides=given, progress=not args.quiet)
+    else:
+        train(TrainConfig(**given), args.out, progress=not args.quiet)
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from .plot import plot_lr_find
+    from .train import TrainConfig, lr_find
+
+    cfg = TrainConfig(**_given(args, ("data", "block_size", "emb_dim", "hidden", "batch_size",
+                                      "seed", "init", "reference", "device", "threads",
+                                      "split_seed", "test_count", "dev_count")))
+    sweep = lr_find(cfg, args.lr_min_exp, args.lr_max_exp, args.num)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_lr_find(sweep, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _load_run(run: str, reference: bool):
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .data import Split, Vocab
+
+    ckpt = load_checkpoint(run)
+    model = model_from_checkpoint(ckpt, fused=False if reference else None)
+    model.eval()
+    return ckpt, model, Vocab.from_dict(ckpt["vocab"]), Split.from_dict(ckpt["split"])
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .sample import DEFAULT_SAMPLE_SEED, format_samples, sample_words
+
+    from .data import normalize_word
+
+    ckpt, model, vocab, split = _load_run(args.run, args.reference)
+    prefix = ""
+    if args.prefix.strip():
+        # The prefix goes through the run's character policy (NFC, lower case), like its data.
+        prefix, reason = normalize_word(args.prefix, ckpt["train_config"].get("lowercase", True))
+        if reason:
+            raise _Usage(f"--prefix {args.prefix!r} {reason}")
+    seed = DEFAULT_SAMPLE_SEED if args.seed is None else args.seed
+    samples = sample_words(model, vocab, args.num, torch.Generator().manual_seed(seed),
+                           temperature=args.temperature, top_k=args.top_k, prefix=prefix,
+                           train_words=split.train, max_len=args.max_len)
+    print(f"{len(samples)} samples from {args.run} (step {ckpt['step']:,}; seed {seed}, temperature "
+          f"{args.temperature:g}" + (f", top-k {args.top_k}" if args.top_k else "") + "):")
+    print(format_samples(samples))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import build_examples, read_words
+    from .train import evaluate, format_losses, loss_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt, model, vocab, split = _load_run(args.run, args.reference)
+    T = model.block_size
+    if args.data is not None:
+        words = read_words(args.data, lowercase=ckpt["train_config"].get("lowercase", True))
+        parts = {Path(args.data).name[:12]: words}
+    else:
+        parts = split.parts()
+    reports = {}
+    for name, words in parts.items():
+        X, Y = build_examples(words, vocab, T, source=args.data or f"{name} split")
+        reports[name] = loss_report(evaluate(model, X, Y, args.batch_size), X.shape[0])
+    if args.json:
+        print(json.dumps({"run": str(args.run), "step": ckpt["step"], "losses": reports}, indent=2))
+    else:
+        print(f"{args.run} at step {ckpt['step']:,} (nats per character):")
+        print(format_losses(reports))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .plot import plot_embedding, plot_loss_curve
+
+    run = Path(args.run)
+    out_dir = Path(args.out_dir) if args.out_dir else run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(run)
+    written = []
+    if (run / "metrics.csv").exists():
+        written.append(plot_loss_curve(run, out_dir / "loss.png"))
+    else:
+        print(f"note: {run / 'metrics.csv'} not found; no loss curve", file=sys.stderr)
+    from .data import Vocab
+
+    vocab = Vocab.from_dict(ckpt["vocab"])
+    table = ckpt["model"]["state_dict"]["embed.table"]
+    written.append(plot_embedding(table, vocab.itos, out_dir / "embedding.png",
+                                  title=f"character embeddings of {run.name} (step {ckpt['step']:,})"))
+    for w in written:
+        print(f"wrote {w}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+class _Usage(Exception):
+    """A bad combination of command-line arguments."""
+
+
+def _run(argv) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError, VocabError
+    from .train import ConfigError, TrainingInterrupted
+
+    prefix = f"charmlp {args.command}: error:"
+    try:
+        return args.func(args)
+    except _Usage as e:
+        parser.exit(EXIT_ERROR, f"{prefix} {e}\n")
+    except (DataError, VocabError, CheckpointError, ConfigError, FloatingPointError) as e:
+        print(f"{prefix} {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except FileNotFoundError as e:  # e.g. plot without metrics
+        print(f"{prefix} {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except TrainingInterrupted as e:
+        print(f"charmlp {args.command}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"charmlp {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the process ends with ``os._exit`` once the
+    command has finished, the process group is destroyed and the output is flushed: the
+    interpreter's own shutdown can race with the process group's background threads
+    ("terminate called without an active exception"), which would turn a finished run into
+    a failed one.
+    """
+    code = _run(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

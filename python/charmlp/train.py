@@ -1,0 +1,865 @@
+"""Training: the lecture's loop, made reproducible, resumable and distributed.
+
+:func:`train` runs ``charmlp train``. Its defaults are the makemore MLP lecture's final
+model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD at 0.1 then
+0.01 from step 100,000, the notebook's parameter draws). On top of the lecture's loop:
+
+* **Speed.** Plain SGD uses :meth:`MLPLanguageModel.sgd_step`, one fused forward + backward
+  + update per step. Minibatch indices are drawn for many steps at once
+  (``torch.randint(0, n, (k, batch))`` gives exactly the numbers of ``k`` successive
+  ``torch.randint(0, n, (batch,))`` calls), so the Python loop does little besides calling
+  the step.
+* **Reproducibility.** Parameters are drawn from ``torch.Generator().manual_seed(seed)``
+  (the notebook's generator for the default seed 2147483647) and minibatches from a
+  dedicated generator seeded from ``(seed, rank)``; nothing depends on global RNG state.
+* **Resumability.** A checkpoint (see :mod:`charmlp.checkpoint`) holds every piece of state,
+  so ``--resume`` continues bitwise identically on CPU. Ctrl-C or SIGTERM stops after the
+  current step and writes a checkpoint first.
+* **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
+  DistributedDataParallel (gloo on CPU, nccl on CUDA): every rank draws its own minibatches
+  (its generator is seeded from its rank), gradients are averaged by DDP's all-reduce, and
+  rank 0 alone evaluates, logs and writes checkpoints. DDP needs the autograd path
+  (forward through the wrapped module, ``backward``, ``optimizer.step``), so plain SGD runs
+  as ``torch.optim.SGD`` there instead of the fused ``sgd_step``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .data import Corpus, Split, Vocab, build_examples, load_corpus, split_words
+from .model import NOTEBOOK_SEED, MLPLanguageModel
+from .sample import format_samples, sample_words
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "TrainingInterrupted",
+    "train",
+    "evaluate",
+    "learning_rate",
+    "batch_seed",
+    "draw_batches",
+    "loss_report",
+    "lr_find",
+    "resume_config",
+    "RESUME_MUTABLE",
+]
+
+#: Default (initial, final) learning rates per optimizer. SGD: the lecture's 0.1 -> 0.01.
+LR_DEFAULTS = {"sgd": (0.1, 0.01), "adamw": (0.01, 0.001)}
+#: AdamW's decoupled weight decay when none is given (torch's default); SGD: none.
+WD_DEFAULTS = {"sgd": 0.0, "adamw": 0.01}
+SCHEDULES = ("step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+#: Settings that ``--resume`` may change: they do not alter what the run computes (steps
+#: only extends or shortens it; the schedule is recomputed for the new total).
+RESUME_MUTABLE = frozenset({"steps", "threads", "device", "reference", "eval_every",
+                            "checkpoint_every", "eval_batch_size", "num_samples"})
+METRICS_NAME = "metrics.csv"
+EVALS_NAME = "evals.csv"
+RESULTS_NAME = "results.json"
+
+
+class ConfigError(ValueError):
+    """An invalid combination of training settings."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on Ctrl-C/SIGTERM after writing a checkpoint at ``step``."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"interrupted at step {step:,}; checkpoint written to {run_dir}. "
+                         f"Continue with: charmlp train --resume {run_dir}")
+        self.step, self.run_dir = step, run_dir
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in ``config.json`` and checkpoints)."""
+
+    data: str | None = None          # word list; None = the embedded corpus
+    lowercase: bool = True           # see charmlp.data's character policy
+    block_size: int = 3
+    emb_dim: int = 10
+    hidden: int = 200
+    steps: int = 200_000
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr_schedule: str = "step"
+    lr: float | None = None          # None: LR_DEFAULTS[optimizer][0]
+    lr_final: float | None = None    # None: LR_DEFAULTS[optimizer][1]
+    weight_decay: float | None = None  # None: WD_DEFAULTS[optimizer]
+    seed: int = NOTEBOOK_SEED
+    init: str = "notebook"
+    reference: bool = False          # plain PyTorch ops instead of the fused ones
+    device: str = "cpu"
+    threads: int | None = None
+    split_seed: int = 42
+    test_count: int | None = None    # None: the lecture's 80/10/10
+    dev_count: int | None = None
+    eval_every: int = 20_000         # full train + dev loss; 0: only at the end
+    checkpoint_every: int = 10_000   # 0: only at the end
+    eval_batch_size: int = 65_536
+    num_samples: int = 10
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the optimizer-dependent defaults filled in, validated."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        lr0, lr1 = LR_DEFAULTS[self.optimizer]
+        c = dataclasses.replace(
+            self,
+            lr=lr0 if self.lr is None else float(self.lr),
+            lr_final=lr1 if self.lr_final is None else float(self.lr_final),
+            weight_decay=WD_DEFAULTS[self.optimizer] if self.weight_decay is None else float(self.weight_decay),
+        )
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        for name in ("block_size", "emb_dim", "hidden", "steps", "batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        for name in ("eval_every", "checkpoint_every", "num_samples", "seed", "split_seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"lr-schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+        if self.init not in ("notebook", "default"):
+            raise ConfigError(f"init must be 'notebook' or 'default', got {self.init!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.lr_final is not None and not (self.lr_final >= 0 and math.isfinite(self.lr_final)):
+            raise ConfigError(f"lr-final must be a number >= 0, got {self.lr_final}")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.dev_count is not None and self.test_count is None:
+            raise ConfigError("--dev-count needs --test-count (the lecture split is 80/10/10)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown training settings {sorted(unknown)} (written by a newer charmlp?)")
+        return cls(**d)
+
+
+def resume_config(saved: dict, overrides: dict) -> TrainConfig:
+    """The saved config of a run with the allowed ``overrides`` applied.
+
+    Settings outside :data:`RESUME_MUTABLE` define the computation (data, model, optimizer,
+    seeds); changing them would not continue the same run, so a differing value is an
+    error rather than silently ignored.
+    """
+    cfg = TrainConfig.from_dict(saved)
+    changes = {}
+    for key, value in overrides.items():
+        if value == getattr(cfg, key):
+            continue
+        if key not in RESUME_MUTABLE:
+            raise ConfigError(f"--{key.replace('_', '-')} {value} differs from the run's "
+                              f"{getattr(cfg, key)!r}; a resumed run keeps its data, model, optimizer "
+                              f"and seeds (only {', '.join(sorted(RESUME_MUTABLE))} may change)")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of 0-based ``step``.
+
+    ``step``: ``lr`` for the first half, then ``lr_final`` (the lecture:
+    ``lr = 0.1 if i < 100000 else 0.01``); ``cosine``: from ``lr`` down to ``lr_final``
+    over the run; ``constant``: ``lr``.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "step":
+        return cfg.lr if step < cfg.steps // 2 else cfg.lr_final
+    return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1.0 + math.cos(math.pi * step / cfg.steps))
+
+
+def batch_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's minibatch generator: independent streams for each (seed, rank)."""
+    state = np.random.SeedSequence([int(seed), 0x6D62, int(rank)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def draw_batches(generator: torch.Generator, n: int, steps: int, batch_size: int) -> torch.Tensor:
+    """Minibatch row indices for ``steps`` steps, ``[steps, batch_size]``, like the notebook.
+
+    One call equals ``steps`` successive ``torch.randint(0, n, (batch_size,))`` draws from
+    the same generator (tested), so chunking never changes which rows a run sees.
+    """
+    return torch.randint(0, n, (steps, batch_size), generator=generator)
+
+
+@torch.no_grad()
+def evaluate(model: MLPLanguageModel, X: torch.Tensor, Y: torch.Tensor,
+             batch_size: int = 65_536) -> float | None:
+    """Mean cross-entropy (nats per character) over all of ``X, Y``; None when empty.
+
+    Batched so memory stays bounded; the batch means are combined in float64.
+    """
+    n = X.shape[0]
+    if n == 0:
+        return None
+    total = 0.0
+    for i in range(0, n, batch_size):
+        _, loss = model(X[i:i + batch_size], Y[i:i + batch_size])
+        total += float(loss.double()) * min(batch_size, n - i)
+    return total / n
+
+
+def loss_report(loss: float | None, examples: int) -> dict:
+    """A loss in nats with its perplexity and bits per character."""
+    if loss is None:
+        return {"loss": None, "perplexity": None, "bits_per_char": None, "examples": examples}
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2),
+            "examples": examples}
+
+
+def format_losses(reports: dict[str, dict]) -> str:
+    lines = [f"  {'split':<6} {'loss':>8} {'perplexity':>11} {'bits/char':>10} {'examples':>10}"]
+    for name, r in reports.items():
+        if r["loss"] is None:
+            lines.append(f"  {name:<6} {'n/a':>8} {'':>11} {'':>10} {r['examples']:>10,}")
+        else:
+            lines.append(f"  {name:<6} {r['loss']:>8.4f} {r['perplexity']:>11.3f} "
+                         f"{r['bits_per_char']:>10.4f} {r['examples']:>10,}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialized the process group, so we tear it down
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: str) -> _Dist:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (or reuse an existing one)."""
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return _Dist(rank, world, local_rank, owns_group=True)
+
+
+def _teardown_distributed(d: _Dist) -> None:
+    """Barrier, then destroy the group: no rank leaves while another still talks to it."""
+    if d.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- progress / logs
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A plain-text progress line on stderr: step, mean loss, lr, steps/s, ETA.
+
+    On a terminal the line is redrawn in place (at most 5 times a second); otherwise
+    (logs, CI) a line is printed every 10 % of the run or every 30 s.
+    """
+
+    def __init__(self, total: int, start: int, stream=None, enabled: bool = True,
+                 start_time: float = 0.0):
+        self.total, self.start = total, start
+        self.start_time = start_time  # training time already spent before `start` (resume)
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = self.last = time.perf_counter()
+        self.last_step = start
+        self.losses: list[float] = []
+        self.drawn = False
+
+    def update(self, step: int, losses: list[float], lr: float, train_time: float, force=False) -> None:
+        if not self.enabled:
+            return
+        self.losses.extend(losses)
+        now = time.perf_counter()
+        if self.tty:
+            due = force or now - self.last >= 0.2
+        else:
+            tenth = max(1, self.total // 10)
+            due = force or step // tenth > self.last_step // tenth or now - self.last >= 30
+        if not due or not self.losses:
+            return
+        spent = train_time - self.start_time
+        rate = (step - self.start) / spent if spent > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        line = (f"step {step:>{len(f'{self.total:,}')},}/{self.total:,} {100 * step / self.total:5.1f}% | "
+                f"loss {sum(self.losses) / len(self.losses):.4f} | lr {lr:.3g} | "
+                f"{rate:,.0f} steps/s | ETA {_hms(eta)}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.drawn = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.losses.clear()
+        self.last, self.last_step = now, step
+
+    def clear(self) -> None:
+        """End the in-place line so other output starts on a fresh line."""
+        if self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def _truncate_csv(path: Path, header: list[str], keep_before: int) -> None:
+    """Keep the header and the rows whose step < ``keep_before`` (for resumed runs)."""
+    rows = []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            for r in reader:
+                # A crash can leave a partial last line: keep only complete, parseable rows.
+                if len(r) == len(header) and r[0].isdigit() and int(r[0]) < keep_before:
+                    rows.append(r)
+    lines = [",".join(header)] + [",".join(r) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+class _RunFiles:
+    """Rank 0's files in the run directory: per-step metrics and periodic evaluations.
+
+    ``metrics.csv`` has one row per step (``step,lr,loss``: the minibatch loss before the
+    update; under DDP, rank 0's minibatch); ``evals.csv`` the full train/dev losses.
+    """
+
+    METRICS_HEADER = ["step", "lr", "loss"]
+    EVALS_HEADER = ["step", "train", "dev"]
+
+    def __init__(self, run_dir: Path, start_step: int):
+        self.dir = run_dir
+        _truncate_csv(run_dir / METRICS_NAME, self.METRICS_HEADER, start_step)
+        _truncate_csv(run_dir / EVALS_NAME, self.EVALS_HEADER, start_step + 1)
+        self.metrics = open(run_dir / METRICS_NAME, "a", newline="")
+        self.evals = open(run_dir / EVALS_NAME, "a", newline="")
+
+    def log_steps(self, first_step: int, lrs: list[float], losses: list[float]) -> None:
+        self.metrics.write("".join(f"{first_step + i},{lr:.6g},{loss:.6f}\n"
+                                   for i, (lr, loss) in enumerate(zip(lrs, losses))))
+
+    def log_eval(self, step: int, train: float | None, dev: float | None) -> None:
+        fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+        self.evals.write(f"{step},{fmt(train)},{fmt(dev)}\n")
+        self.evals.flush()
+
+    def flush(self) -> None:
+        self.metrics.flush()
+        self.evals.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.evals.close()
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into "stop after this step and checkpoint".
+
+    A second Ctrl-C raises KeyboardInterrupt at once. Only installed in the main thread
+    of a single-process run: under DDP every rank would have to agree on the stop step.
+    """
+
+    def __init__(self, enabled: bool, notify: Callable[[str], None]):
+        self.requested = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.notify = notify
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous = {}
+        self.notify(f"\n{signal.Signals(signum).name}: stopping after this step and writing a "
+                    f"checkpoint (press Ctrl-C again to abort at once)")
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+        self.previous = {}
+        return False
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def _rng_state(batch_states: list[torch.Tensor]) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "batch": batch_states,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": np_state[1].tolist(), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    }
+
+
+def _restore_global_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    py = rng["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = rng["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Data:
+    corpus: dict
+    vocab: Vocab
+    split: Split
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _prepare_data(cfg: TrainConfig, ckpt: dict | None, log) -> _Data:
+    if ckpt is not None:
+        corpus_info = ckpt["corpus"]
+        vocab = Vocab.from_dict(ckpt["vocab"])
+        split = Split.from_dict(ckpt["split"])
+        log(f"corpus: {corpus_info.get('path') or corpus_info.get('name')}: "
+            f"{corpus_info.get('num_words', 0):,} words (from the checkpoint)")
+    else:
+        corpus: Corpus = load_corpus(cfg.data, cfg.lowercase, warn=log)
+        corpus_info = corpus.to_dict()
+        log(f"corpus: {corpus.describe()}")
+        vocab = Vocab.from_words(corpus.words)
+        try:
+            split = split_words(corpus.words, cfg.split_seed, cfg.test_count, cfg.dev_count)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    tensors = {name: build_examples(words, vocab, cfg.block_size, source=name)
+               for name, words in split.parts().items()}
+    if tensors["train"][0].shape[0] == 0:
+        raise ConfigError("the training split is empty: the corpus is too small for this split")
+    log(f"vocabulary: {vocab.size} symbols {''.join(vocab.itos)!r}")
+    log(f"{split.describe()}; examples: "
+        + " / ".join(f"{t[0].shape[0]:,}" for t in tensors.values()))
+    return _Data(corpus_info, vocab, split, tensors)
+
+
+def _check_device(cfg: TrainConfig) -> None:
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: this torch sees no CUDA device "
+                              f"(torch {torch.__version__}, cuda {torch.version.cuda})")
+        if not cfg.reference:
+            from . import has_cuda_kernels
+
+            if not has_cuda_kernels():
+                raise ConfigError("--device cuda: this charmlp build has no CUDA kernels; "
+                                  "rebuild with a CUDA torch and nvcc, or add --reference")
+
+
+def _new_run_dir(out: str | Path | None) -> Path:
+    if out is None:
+        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(out)
+    if (out / CHECKPOINT_NAME).exists() or (out / RESULTS_NAME).exists():
+        raise ConfigError(f"{out} already holds a run; continue it with --resume {out} "
+                          f"or choose another --out")
+    return out
+
+
+def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MLPLanguageModel:
+    # init="default" draws from the global RNG (nn.init), "notebook" from its own generator.
+    torch.manual_seed(cfg.seed)
+    model = MLPLanguageModel(vocab_size=vocab_size, block_size=cfg.block_size,
+                             emb_dim=cfg.emb_dim, hidden=cfg.hidden, fused=not cfg.reference,
+                             init=cfg.init, generator=torch.Generator().manual_seed(cfg.seed))
+    return model.to(device)
+
+
+def train(cfg: TrainConfig | None, out: str | Path | None = None, *, resume: str | Path | None = None,
+          overrides: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
+          progress_stream=None) -> dict:
+    """Train (or, with ``resume=RUN_DIR``, continue) a model; return the results dict.
+
+    ``cfg`` is ignored when resuming: the run's saved config is used, with ``overrides``
+    (see :func:`resume_config`). Results are also written to ``RUN_DIR/results.json``.
+    Under torchrun, call it on every rank; only rank 0 prints and writes files.
+    """
+    wall0 = time.perf_counter()
+    ckpt = None
+    if resume is None and cfg is None:
+        raise TypeError("train() needs a TrainConfig, or resume=RUN_DIR")
+    if resume is not None:
+        run_dir = Path(resume)
+        ckpt = load_checkpoint(run_dir)
+        cfg = resume_config(ckpt["train_config"], overrides or {})
+    cfg = cfg.resolved()
+    _check_device(cfg)
+    d = _setup_distributed(cfg.device)
+    try:
+        results = _train(cfg, out, ckpt, resume, d, progress, log, progress_stream, wall0)
+    except BaseException:
+        # No barrier here: the other ranks may be blocked in a collective this rank will never
+        # join. Leave the group and let the exception end the process; torchrun then stops
+        # the other workers instead of everyone waiting for the collective timeout.
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    _teardown_distributed(d)
+    return results
+
+
+def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wall0) -> dict:
+    main = d.is_main
+    say = (log or (lambda s: print(s, flush=True))) if main else (lambda s: None)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device("cuda", d.local_rank) if cfg.device == "cuda" else torch.device("cpu")
+    run_dir = Path(resume) if resume is not None else _new_run_dir(out)
+    if ckpt is not None and ckpt["world_size"] != d.world_size:
+        raise CheckpointError(f"{run_dir}: the run was trained with {ckpt['world_size']} process(es); "
+                              f"resume it with the same number (now {d.world_size})")
+    say(f"run directory: {run_dir}" + (f" (resuming at step {ckpt['step']:,})" if ckpt else ""))
+    data = _prepare_data(cfg, ckpt, say)
+    if main:  # only once the data is known to be good, so a bad --data leaves no empty run
+        run_dir.mkdir(parents=True, exist_ok=True)
+    Xtr, Ytr = (t.to(device) for t in data.tensors["train"])
+    model = _build_model(cfg, data.vocab.size, device)
+    nparams = sum(p.numel() for p in model.parameters())
+    fast_sgd = cfg.optimizer == "sgd" and cfg.weight_decay == 0 and not d.enabled
+    path = ("fused charmlp ops" if not cfg.reference else "plain PyTorch ops (--reference)")
+    say(f"model: block {cfg.block_size}, emb {cfg.emb_dim}, hidden {cfg.hidden}, "
+        f"{nparams:,} parameters, {cfg.init} init; {path} on {device}, "
+        f"{torch.get_num_threads()} thread(s)" + (f", {d.world_size} DDP processes" if d.enabled else ""))
+    say(f"training: {cfg.steps:,} steps of batch {cfg.batch_size}"
+        + (" per process" if d.enabled else "")
+        + f", {cfg.optimizer}{' (fused step)' if fast_sgd else ''}, lr {cfg.lr_schedule} "
+        f"{cfg.lr:g}" + (f" -> {cfg.lr_final:g}" if cfg.lr_schedule != "constant" else "")
+        + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else ""))
+
+    opt = None
+    if not fast_sgd:
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    gen = torch.Generator().manual_seed(batch_seed(cfg.seed, d.rank))
+
+    step, train_time = 0, 0.0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"]["state_dict"])
+            if opt is not None:
+                if ckpt["optimizer"].get("state") is None:
+                    raise ValueError("the checkpoint has no optimizer state for "
+                                     f"{cfg.optimizer}")
+                opt.load_state_dict(ckpt["optimizer"]["state"])
+            gen.set_state(ckpt["rng"]["batch"][d.rank])
+            _restore_global_rng(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{run_dir}: incompatible checkpoint: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        step, train_time = ckpt["step"], ckpt["train_time_s"]
+        if step > cfg.steps:
+            raise ConfigError(f"the run is already at step {step:,}, beyond --steps {cfg.steps:,}")
+
+    def checkpoint(at_step: int) -> None:
+        states = [gen.get_state()]
+        if d.enabled:
+            states = [None] * d.world_size
+            dist.all_gather_object(states, gen.get_state())
+        if main:
+            save_checkpoint(run_dir / CHECKPOINT_NAME, {
+                "step": at_step,
+                "model": {"config": model.config(),
+                          "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}},
+                "optimizer": {"name": cfg.optimizer, "state": opt.state_dict() if opt is not None else None},
+                "rng": _rng_state([s.cpu() for s in states]),
+                "train_config": cfg.to_dict(),
+                "vocab": data.vocab.to_dict(),
+                "split": data.split.to_dict(),
+                "corpus": data.corpus,
+                "world_size": d.world_size,
+                "train_time_s": float(train_time),
+            })
+
+    if main:
+        config_doc = {"train_config": cfg.to_dict(), "model": model.config(), "parameters": nparams,
+                      "corpus": data.corpus, "vocab": data.vocab.to_dict(), "world_size": d.world_size}
+        atomic_write_json(run_dir / "config.json", config_doc)
+        atomic_write_json(run_dir / "split.json", data.split.to_dict())
+        files = _RunFiles(run_dir, step)
+    bar = Progress(cfg.steps, step, progress_stream, enabled=progress and main, start_time=train_time)
+
+    def sgd_fast(xb, yb, lr):
+        return model.sgd_step(xb, yb, lr)
+
+    def autograd_step(xb, yb, lr):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _, loss = net(xb, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step_fn = sgd_fast if fast_sgd else autograd_step
+    on_cpu = device.type == "cpu"
+    ntr = Xtr.shape[0]
+    chunk = 64
+    last_lr = learning_rate(cfg, step)
+
+    def due(every: int, s: int) -> bool:
+        return every > 0 and s % every == 0 and s < cfg.steps
+
+    def next_stop(s: int) -> int:
+        stop = min(cfg.steps, s + chunk)
+        for every in (cfg.eval_every, cfg.checkpoint_every):
+            if every > 0:
+                stop = min(stop, (s // every + 1) * every)
+        return stop
+
+    model.train()
+    with _StopRequest(enabled=not d.enabled, notify=lambda m: (bar.clear(), say(m))) as stop:
+        while step < cfg.steps:
+            end = next_stop(step)
+            k = end - step
+            state0 = gen.get_state()
+            ix = draw_batches(gen, ntr, k, cfg.batch_size).to(device, non_blocking=True)
+            xs, ys = Xtr[ix], Ytr[ix]
+            lrs, losses = [], []
+            t0 = time.perf_counter()
+            done = k
+            for j in range(k):
+                if stop.requested:
+                    done = j
+                    break
+                lr = learning_rate(cfg, step + j)
+                loss = step_fn(xs[j], ys[j], lr)
+                losses.append(float(loss) if on_cpu else loss)
+                lrs.append(lr)
+            if not on_cpu:
+                losses = torch.stack(losses).tolist() if losses else []
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t0
+            train_time += elapsed
+            if done < k:  # rewind the generator to exactly `done` draws
+                gen.set_state(state0)
+                draw_batches(gen, ntr, done, cfg.batch_size)
+            if main:
+                files.log_steps(step, lrs, losses)
+            step += done
+            if lrs:
+                last_lr = lrs[-1]
+            if done:
+                chunk = int(min(2000, max(16, done / max(elapsed, 1e-9) * 0.2)))
+            bar.update(step, losses, last_lr, train_time)
+            # Divergence: a non-finite loss, or parameters that overflowed since (the loss is
+            # computed before each update). Stop before a broken checkpoint is written.
+            if (any(not math.isfinite(x) for x in losses)
+                    or not all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+                bar.clear()
+                raise FloatingPointError(f"training diverged by step {step:,} (non-finite loss or "
+                                         f"parameters): the learning rate {last_lr:g} is too high "
+                                         f"for this model")
+            if stop.requested:
+                bar.clear()
+                if main:
+                    files.flush()
+                checkpoint(step)
+                raise TrainingInterrupted(step, run_dir)
+            if due(cfg.eval_every, step):
+                if main:
+                    model.eval()
+                    tr = evaluate(model, Xtr, Ytr, cfg.eval_batch_size)
+                    dev = evaluate(model, *(t.to(device) for t in data.tensors["dev"]), cfg.eval_batch_size)
+                    model.train()
+                    files.log_eval(step, tr, dev)
+                    bar.clear()
+                    say(f"step {step:,}: train {tr:.4f}  dev " + ("n/a" if dev is None else f"{dev:.4f}"))
+            if due(cfg.checkpoint_every, step):
+                if main:
+                    files.flush()
+                checkpoint(step)
+    bar.update(step, [], last_lr, train_time, force=True)
+    bar.clear()
+    if main:
+        files.flush()
+    checkpoint(step)
+
+    results = None
+    if main:
+        model.eval()
+        reports = {}
+        for name, (X, Y) in data.tensors.items():
+            reports[name] = loss_report(evaluate(model, X.to(device), Y.to(device), cfg.eval_batch_size),
+                                        X.shape[0])
+        files.log_eval(step, reports["train"]["loss"], reports["dev"]["loss"])
+        files.close()
+        bad = [n for n, r in reports.items() if r["loss"] is not None and not math.isfinite(r["loss"])]
+        if bad:  # finite parameters can still overflow the logits
+            raise FloatingPointError(f"training diverged: the final {', '.join(bad)} loss is not "
+                                     f"finite; the learning rate {last_lr:g} is too high for this model")
+        samples = sample_words(model, data.vocab, cfg.num_samples,
+                               torch.Generator().manual_seed(cfg.seed + 10),
+                               train_words=data.split.train)
+        wall = time.perf_counter() - wall0
+        results = {
+            "run_dir": str(run_dir),
+            "steps": step,
+            "losses": reports,
+            "train_time_s": train_time,
+            "wall_time_s": wall,
+            "steps_per_s": step / train_time if train_time > 0 else None,
+            "examples_per_s": step * cfg.batch_size * d.world_size / train_time if train_time > 0 else None,
+            "world_size": d.world_size,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "fused": not cfg.reference,
+            "parameters": nparams,
+            "torch": torch.__version__,
+            "train_config": cfg.to_dict(),
+            "corpus": data.corpus,
+            "samples": [{"word": s.word, "in_train": s.in_train} for s in samples],
+        }
+        atomic_write_json(run_dir / RESULTS_NAME, results)
+        atomic_write_text(run_dir / "samples.txt", "".join(s.word + "\n" for s in samples))
+        say("final losses (nats per character):")
+        say(format_losses(reports))
+        say(f"trained {step:,} steps in {train_time:.1f} s ({results['steps_per_s'] or 0:,.0f} steps/s); "
+            f"wall time {wall:.1f} s")
+        if samples:
+            say(f"samples (seed {cfg.seed + 10}; * = occurs in the training words):")
+            say(format_samples(samples))
+        say(f"wrote {run_dir / RESULTS_NAME}; next: charmlp sample {run_dir}, charmlp plot {run_dir}")
+    return results
+
+
+# --------------------------------------------------------------------------- lr-find
+
+
+def lr_find(cfg: TrainConfig, lre_min: float = -3.0, lre_max: float = 0.0, num: int = 1000,
+            log: Callable[[str], None] = print) -> dict:
+    """The lecture's learning-rate sweep: one SGD step at each of ``10 ** linspace(min, max, num)``.
+
+    Returns the exponents, the minibatch losses (and their running mean over ~5 % of the
+    sweep) and the suggested rate: the left edge of the valley, i.e. the lowest rate whose
+    smoothed loss is within 10 % of the smoothed minimum. That is the lecture's reasoning
+    ("the loss stops improving around here"): the minimum itself sits where a single step
+    is already close to too large, and a whole run at that rate is less stable. On
+    names.txt it gives about 0.1, the lecture's choice.
+    """
+    cfg = cfg.resolved()
+    if num < 2:
+        raise ConfigError(f"the sweep needs at least 2 rates, got {num}")
+    if not lre_min < lre_max:
+        raise ConfigError(f"lr exponent range must be increasing, got {lre_min}..{lre_max}")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    _check_device(cfg)
+    device = torch.device(cfg.device)
+    corpus = load_corpus(cfg.data, cfg.lowercase, warn=log)
+    log(f"corpus: {corpus.describe()}")
+    vocab = Vocab.from_words(corpus.words)
+    try:
+        split = split_words(corpus.words, cfg.split_seed, cfg.test_count, cfg.dev_count)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    X, Y = (t.to(device) for t in build_examples(split.train, vocab, cfg.block_size))
+    model = _build_model(cfg, vocab.size, device)
+    gen = torch.Generator().manual_seed(batch_seed(cfg.seed, 0))
+    lre = torch.linspace(lre_min, lre_max, num)
+    lrs = (10 ** lre).tolist()
+    ix = draw_batches(gen, X.shape[0], num, cfg.batch_size).to(device)
+    losses = []
+    for i, lr in enumerate(lrs):
+        losses.append(float(model.sgd_step(X[ix[i]], Y[ix[i]], lr)))
+    arr = np.array(losses, dtype=np.float64)
+    arr = np.where(np.isfinite(arr), arr, np.inf)
+    w = max(1, num // 20)
+    padded = np.concatenate([np.full(w // 2, arr[0]), arr, np.full(w - 1 - w // 2, arr[-1])])
+    smooth = np.convolve(padded, np.ones(w) / w, mode="valid")
+    best = int(np.argmin(smooth))
+    edge = int(np.flatnonzero(smooth[:best + 1] <= smooth[best] * 1.1)[0])
+    suggested = 10 ** float(lre[edge])
+    log(f"lowest smoothed loss {smooth[best]:.4f} at lr {10 ** float(lre[best]):.3g} "
+        f"(10^{float(lre[best]):.2f}); the valley starts at 10^{float(lre[edge]):.2f}: "
+        f"suggested lr {suggested:.2g}")
+    return {"lre": lre.tolist(), "losses": losses, "smoothed": smooth.tolist(),
+            "best_lr": 10 ** float(lre[best]), "suggested_lr": suggested}

@@ -94,19 +94,27 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, MatrixRef<T> A, const T*
       for (int64_t j = full; j < N; ++j) tail[k * kGemmCols + j - full] = B[k * ldb + j];
     }
   }
-  // 8 rows give 8 independent FMA chains per k, enough to cover the FMA latency
-  // (4 cycles x 2 ports); smaller blocks mop up the remaining rows.
+  // Up to 8 rows per block give up to 8 independent FMA chains per k, enough to
+  // cover the FMA latency (4 cycles x 2 ports). Rows are split into blocks of
+  // near-equal size (27 -> 7+7+7+6, not 8+8+8+2+1): a block of one or two rows
+  // is latency bound and would cost as much as a full one.
+  const int64_t blocks = (M + 7) / 8;
   int64_t r0 = 0;
-  for (; r0 + 8 <= M; r0 += 8) gemm_rows<T, 8>(r0, N, K, A, B, ldb, tail.data(), C, ldc, accumulate);
-  if (r0 + 4 <= M) {
-    gemm_rows<T, 4>(r0, N, K, A, B, ldb, tail.data(), C, ldc, accumulate);
-    r0 += 4;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t rows = (M - r0 + (blocks - b) - 1) / (blocks - b);
+    const T* bt = tail.data();
+    switch (rows) {
+      case 8: gemm_rows<T, 8>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      case 7: gemm_rows<T, 7>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      case 6: gemm_rows<T, 6>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      case 5: gemm_rows<T, 5>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      case 4: gemm_rows<T, 4>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      case 3: gemm_rows<T, 3>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      case 2: gemm_rows<T, 2>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      default: gemm_rows<T, 1>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+    }
+    r0 += rows;
   }
-  if (r0 + 2 <= M) {
-    gemm_rows<T, 2>(r0, N, K, A, B, ldb, tail.data(), C, ldc, accumulate);
-    r0 += 2;
-  }
-  if (r0 < M) gemm_rows<T, 1>(r0, N, K, A, B, ldb, tail.data(), C, ldc, accumulate);
 }
 
 // x [rows, cols] -> xt [cols, ld] (ld >= rows; the padding columns are zeroed).

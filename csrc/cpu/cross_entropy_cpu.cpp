@@ -47,12 +47,18 @@ int64_t count_targets_cpu(const at::Tensor& target64, int64_t ignore_index) {
   return count;
 }
 
+// Plain loops rather than ATen ops: at small batches each ATen call costs more
+// than the whole reduction. The sum is sequential in double, so deterministic.
 at::Tensor reduce_row_losses(const at::Tensor& row_loss, int64_t reduction, int64_t count,
                              at::ScalarType out_dtype) {
   if (reduction == at::Reduction::None) return row_loss.to(out_dtype);
-  at::Tensor total = row_loss.sum();
-  if (reduction == at::Reduction::Mean) total = total / static_cast<double>(count);
-  return total.to(out_dtype);
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(row_loss.scalar_type(), "reduce_row_losses", [&] {
+    const scalar_t* p = row_loss.const_data_ptr<scalar_t>();
+    for (int64_t b = 0, B = row_loss.numel(); b < B; ++b) total += static_cast<double>(p[b]);
+  });
+  if (reduction == at::Reduction::Mean) total /= static_cast<double>(count);  // 0 / 0 = nan
+  return at::scalar_tensor(total, row_loss.options().dtype(out_dtype));
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits,
@@ -119,13 +125,24 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
 // Per-row gradient scale [B] in acc dtype: 0 for ignored rows.
 at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target64,
                            int64_t reduction, int64_t ignore_index, at::ScalarType acc_dtype) {
-  const at::Tensor keep = target64.ne(ignore_index).to(acc_dtype);
-  const at::Tensor g = grad_loss.to(acc_dtype);
-  if (reduction == at::Reduction::None) return (g * keep).contiguous();
-  if (reduction == at::Reduction::Sum) return (g.reshape({}) * keep).contiguous();
-  const int64_t count = count_targets_cpu(target64, ignore_index);
-  if (count == 0) return keep;  // all zeros: nothing contributed to the loss
-  return (g.reshape({}) / static_cast<double>(count) * keep).contiguous();
+  const int64_t B = target64.numel();
+  at::Tensor scales = at::empty({B}, target64.options().dtype(acc_dtype));
+  const at::Tensor g = grad_loss.to(acc_dtype).contiguous();
+  const int64_t* t = target64.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "row_grad_scales", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* sp = scales.mutable_data_ptr<scalar_t>();
+    scalar_t uniform = reduction == at::Reduction::None ? scalar_t(0) : gp[0];
+    if (reduction == at::Reduction::Mean) {
+      const int64_t count = count_targets_cpu(target64, ignore_index);
+      uniform = count > 0 ? uniform / static_cast<scalar_t>(count) : scalar_t(0);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t s = reduction == at::Reduction::None ? gp[b] : uniform;
+      sp[b] = t[b] == ignore_index ? scalar_t(0) : s;
+    }
+  });
+  return scales;
 }
 
 TORCH_LIBRARY_IMPL(charmlp, CPU, m) {

@@ -46,6 +46,8 @@ std::atomic<int> g_embed_algorithm{static_cast<int>(EmbedAlgorithm::kAuto)};
 constexpr int64_t kDirectTileRows = 512;
 // Columns of H per parallel task in the column-owned passes.
 constexpr int64_t kColumnGrain = 32;
+// Below this many B*H elements the column-owned pass runs on one thread.
+constexpr int64_t kSerialWork = 1 << 15;
 }  // namespace
 
 void set_embed_algorithm(EmbedAlgorithm algorithm) {
@@ -137,7 +139,9 @@ template <typename scalar_t, typename acc_t>
 void dpre_pass(const scalar_t* grad_out, const scalar_t* out, const int64_t* idx,
                acc_t* grad_bias, acc_t* S, acc_t* dpre, int64_t B, int64_t T, int64_t V,
                int64_t H) {
-  at::parallel_for(0, H, kColumnGrain, [&](int64_t h0, int64_t h1) {
+  // Small problems run on one thread: waking the OpenMP team costs more.
+  const int64_t grain = B * H < kSerialWork ? H : kColumnGrain;
+  at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
     const int64_t w = h1 - h0;
     std::vector<acc_t> d(w);
     std::vector<acc_t> bsum(w, acc_t(0));

@@ -1,0 +1,149 @@
+"""Smoke tests of the benchmark suite (benchmarks/): the harness runs on a tiny size, the
+correctness gate rejects wrong arms before they are timed, and the report files are written.
+No timings are asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import _harness as H  # noqa: E402
+
+CPU = torch.device("cpu")
+TINY = H.SIZES["tiny-64"]
+
+
+class WrongLossArm(H.FunctionalArm):
+    """Scales the loss (and so every gradient) by 1.01."""
+
+    name = "wrong-loss"
+    label = "wrong loss"
+
+    def forward(self, idx, y):
+        return super().forward(idx, y) * 1.01
+
+
+class WrongStepArm(H.SeedArm):
+    """Correct loss and gradients, but the step uses twice the learning rate."""
+
+    name = "wrong-step"
+    label = "wrong step"
+
+    def setup(self, params, size, idx, y, lr):
+        super().setup(params, size, idx, y, lr)
+        self.lr = 2 * lr
+
+    def forward(self, idx, y):  # forward must still match
+        return H.SeedArm.forward(self, idx, y)
+
+
+class ForgetsBiasArm(H.FunctionalArm):
+    """Leaves b2 out of the update."""
+
+    name = "forgets-bias"
+    label = "forgets bias"
+
+    def setup(self, params, size, idx, y, lr):
+        super().setup(params, size, idx, y, lr)
+        m = self.model
+        self.opt = torch.optim.SGD([m.table, m.W1, m.b1, m.W2], lr=lr)
+
+
+class CrashArm(H.Arm):
+    name = "crash"
+    label = "crash"
+
+    def setup(self, params, size, idx, y, lr):
+        raise RuntimeError("boom")
+
+
+def _quick_cfg(**kw):
+    return H.Config.quick_config(CPU, torch.get_num_threads(), data="random", **kw)
+
+
+def test_gate_catches_wrong_arms_and_times_the_rest(tmp_path):
+    arms = [H.SeedArm, H.FunctionalArm, H.CharmlpArm, WrongLossArm, WrongStepArm, ForgetsBiasArm, CrashArm]
+    res = H.bench_size(TINY, arms, _quick_cfg(), log=lambda s: None)
+    by = {a["name"]: a for a in res["arms"]}
+    for name in ("seed", "functional", "charmlp"):
+        a = by[name]
+        assert a["status"] == "PASS", a
+        assert set(a["times"]) == set(H.MEASUREMENTS)
+        assert all(t["n"] >= 1 and t["median_s"] > 0 for t in a["times"].values())
+        assert a["peak_memory_bytes"] is not None and a["peak_memory_bytes"] >= 0
+        assert H.gate_passes(a["gate"])[0]
+    c = res["contention"]
+    assert c["kept_rounds"] + c["dropped_rounds"] >= 2 and 0 <= c["others_cpu_share"]
+    assert by["wrong-loss"]["status"] == "FAILED" and "loss" in by["wrong-loss"]["reason"]
+    assert by["wrong-step"]["status"] == "FAILED"
+    assert "step." in by["wrong-step"]["reason"] and "grad." not in by["wrong-step"]["reason"]
+    assert by["forgets-bias"]["status"] == "FAILED" and "step.b2" in by["forgets-bias"]["reason"]
+    assert by["crash"]["status"] == "ERROR" and "boom" in by["crash"]["reason"]
+    for name in ("wrong-loss", "wrong-step", "forgets-bias", "crash"):
+        assert by[name]["times"] == {} and by[name]["peak_memory_bytes"] is None
+
+    # the report marks them and is written completely
+    full = {"environment": H.environment(CPU, torch.get_num_threads()), "config": {"lr": H.LR},
+            "arms": [a["name"] for a in res["arms"]], "reference_arm": "seed", "gate_rtol": H.GATE_RTOL,
+            "sgemm_start": {"n": 64, "gflops": 1.0}, "sgemm_end": {"n": 64, "gflops": 1.0},
+            "sgemm_peak_gflops": 1.0, "sizes": [res], "elapsed_s": 1.0}
+    files = H.write_report(full, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "FAILED" in md and "ERROR" in md and "Training step" in md
+    assert json.loads((tmp_path / "results.json").read_text())["sizes"][0]["B"] == 64
+    for f in files.values():
+        assert f.is_file() and f.stat().st_size > 0
+    assert {"time_vs_batch.png", "speedup.png"} <= {p.name for p in files.values()}
+
+
+def test_gate_errors_are_small_for_the_reference_itself():
+    idx, y, _ = H.make_batch(TINY, "random", CPU)
+    params = H.make_params(TINY, CPU)
+    ref = H.reference(params, idx, y, H.LR)
+    errs = H.gate_errors(ref["loss"].float(), {k: g.float() for k, g in ref["grads"].items()},
+                         {k: v.float() for k, v in ref["updated"].items()}, ref["loss"].float(), ref,
+                         start=params, lr=H.LR)
+    ok, why = H.gate_passes(errs)
+    assert ok, why
+    errs["grad.W1"] = math.inf
+    assert not H.gate_passes(errs)[0]
+
+
+def test_rss_probe_runs_in_a_fresh_process():
+    cfg = _quick_cfg()
+    out = H.rss_memory(["seed", "charmlp"], TINY, cfg, log=lambda s: None)
+    for name in ("seed", "charmlp"):
+        assert "error" not in out[name], out[name]
+        assert out[name]["peak_bytes"] >= 0 and out[name]["B"] == TINY.B
+
+
+def test_parse_size():
+    assert H.parse_size("lecture-32").B == 32
+    s = H.parse_size("3:10:200:27:0")
+    assert (s.T, s.E, s.H, s.V, s.B) == (3, 10, 200, 27, 0)
+    with pytest.raises(Exception):
+        H.parse_size("nonsense")
+
+
+def test_run_all_quick_writes_the_report(tmp_path):
+    out = tmp_path / "cpu"
+    cmd = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--sizes", "tiny-64", "--arms", "seed,charmlp",
+           "--data", "random", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for f in ("results.md", "results.json", "time_vs_batch.png", "speedup.png"):
+        assert (out / f).is_file(), f
+    data = json.loads((out / "results.json").read_text())
+    assert data["environment"]["threads"] == torch.get_num_threads()
+    assert [a["status"] for a in data["sizes"][0]["arms"]] == ["PASS", "PASS"]
+    assert "ablation" in data and "output_layer" in data
+    md = (out / "results.md").read_text()
+    assert "torch threads" in md and "SGEMM peak" in md

@@ -23,44 +23,28 @@ EXIT_INTERRUPTED = 130
 # --------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def _bounded(kind: type, minimum: float, inclusive: bool):
+    """An argparse type: an int or a finite float that is >= minimum (> minimum if not inclusive)."""
+    noun = "an integer" if kind is int else "a number"
+    bound = f">= {minimum}" if inclusive else f"> {minimum}"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        ok = v >= minimum if inclusive else v > minimum
+        if not ok or v == float("inf"):  # `not ok` also catches nan
+            raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
+_positive_int = _bounded(int, 1, inclusive=True)
+_nonneg_int = _bounded(int, 0, inclusive=True)
+_positive_float = _bounded(float, 0.0, inclusive=False)
+_nonneg_float = _bounded(float, 0.0, inclusive=True)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

@@ -59,12 +59,8 @@ __global__ void __launch_bounds__(kRowThreads)
     xt = warp_sum(xt);
     sx = eps != acc_t(0) ? warp_sum(sx) : acc_t(0);
     if (lane == 0) {
-      const acc_t loss =
-          t < 0 ? acc_t(0) : lse - (acc_t(1) - eps) * xt - eps / static_cast<acc_t>(V) * sx;
-      lse_out[b] = lse;
-      if (reduction == kReductionNone) loss_rows[b] = static_cast<scalar_t>(loss);
-      my_sum += loss;
-      my_count += target[b] != ignore_index;
+      record_row_loss<acc_t, scalar_t>(b, t, target[b] != ignore_index, lse, xt, sx, eps, V,
+                                       reduction, lse_out, loss_rows, my_sum, my_count);
     }
   }
   if (reduction != kReductionNone) {

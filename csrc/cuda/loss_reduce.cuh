@@ -17,6 +17,24 @@ namespace cuda {
 // (a few KB of reads per block) instead of launching count_targets_kernel first.
 constexpr int64_t kCountInBlockMaxRows = 4096;
 
+// Lane 0's bookkeeping for one row of a loss kernel: stores lse, the row loss for
+// reduction none, and adds the row to this thread's partial sum and count. t < 0
+// marks an ignored row (loss 0); counted says whether the row enters the mean.
+//   row loss = lse - (1 - eps) x_t - (eps / V) sum_v x_v
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ void record_row_loss(int64_t b, int64_t t, bool counted, acc_t lse,
+                                                acc_t x_t, acc_t sum_x, acc_t eps, int64_t V,
+                                                int64_t reduction, acc_t* lse_out,
+                                                scalar_t* loss_rows, acc_t& my_sum,
+                                                long long& my_count) {
+  const acc_t loss =
+      t < 0 ? acc_t(0) : lse - (acc_t(1) - eps) * x_t - eps / static_cast<acc_t>(V) * sum_x;
+  lse_out[b] = lse;
+  if (reduction == kReductionNone) loss_rows[b] = static_cast<scalar_t>(loss);
+  my_sum += loss;
+  my_count += counted;
+}
+
 // Block-wide sum of the loss partials and counts; thread 0 then writes either this
 // block's partial (psum/pcount[blockIdx.x]) or, for a single-block grid, the final
 // loss. Must be called by every thread of the block.

@@ -48,11 +48,11 @@ template <typename T>
 void forward_impl(const Inputs& in, int64_t ignore_index, T eps, T* lse, T* loss) {
   const int64_t B = in.input.size(0), H = in.input.size(1), V = in.weight.size(0);
   const T* x = in.input.const_data_ptr<T>();
-  const std::vector<T> Wt = transpose_copy(in.weight.const_data_ptr<T>(), V, H, padded_cols(V));
+  const std::vector<T> Wt = transpose_copy(in.weight.const_data_ptr<T>(), V, H, padded_cols<T>(V));
   const T* b = in.bias.defined() ? in.bias.const_data_ptr<T>() : nullptr;
   const int64_t* tgt = in.target.const_data_ptr<int64_t>();
   at::parallel_for(0, B, kOutputChunkRows, [&](int64_t b0, int64_t b1) {
-    T* logits = thread_scratch<T>(Scratch::kChunkC, kOutputChunkRows * padded_cols(V));
+    T* logits = thread_scratch<T>(Scratch::kChunkC, kOutputChunkRows * padded_cols<T>(V));
     for (int64_t c0 = b0; c0 < b1; c0 += kOutputChunkRows) {
       const int64_t n = std::min(kOutputChunkRows, b1 - c0);
       output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits);
@@ -67,7 +67,7 @@ void backward_impl(const Inputs& in, const T* lse, const T* scale, int64_t ignor
   const int64_t B = in.input.size(0), H = in.input.size(1), V = in.weight.size(0);
   const T* x = in.input.const_data_ptr<T>();
   const T* W = in.weight.const_data_ptr<T>();
-  const std::vector<T> Wt = transpose_copy(W, V, H, padded_cols(V));
+  const std::vector<T> Wt = transpose_copy(W, V, H, padded_cols<T>(V));
   const T* b = in.bias.defined() ? in.bias.const_data_ptr<T>() : nullptr;
   const int64_t* tgt = in.target.const_data_ptr<int64_t>();
   // One slot per thread: dW [V, H] then db [V].
@@ -75,7 +75,7 @@ void backward_impl(const Inputs& in, const T* lse, const T* scale, int64_t ignor
   at::parallel_for(0, B, kOutputChunkRows, [&](int64_t b0, int64_t b1) {
     T* dW = partials.slot();
     T* db = dW + V * H;
-    T* logits = thread_scratch<T>(Scratch::kChunkC, kOutputChunkRows * padded_cols(V));
+    T* logits = thread_scratch<T>(Scratch::kChunkC, kOutputChunkRows * padded_cols<T>(V));
     for (int64_t c0 = b0; c0 < b1; c0 += kOutputChunkRows) {
       const int64_t n = std::min(kOutputChunkRows, b1 - c0);
       output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits);

@@ -52,7 +52,7 @@ constexpr int64_t kIgnoreIndex = -100;
 template <typename T, bool kFolded>
 T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* table, T* W1, T* b1,
                 T* W2, T* b2, T lr, int64_t B, int64_t Tn, int64_t V, int64_t E, int64_t H) {
-  const int64_t TE = Tn * E, Vp = padded_cols(V);
+  const int64_t TE = Tn * E, Vp = padded_cols<T>(V);
   T* W1t = thread_scratch<T>(Scratch::kSharedA, TE * H);  // [T*E, H]
   transpose_into(W1, H, TE, W1t, H);
   T* P = nullptr;  // [T, V, H]

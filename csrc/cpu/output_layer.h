@@ -25,13 +25,13 @@ namespace charmlp {
 // Rows per chunk: h (64 x 200 floats = 50 KB) and logits stay cache resident.
 constexpr int64_t kOutputChunkRows = 64;
 
-// logits [n, V] = h [n, H] @ W^T + b, with W^T given as Wt [H, Vp] (Vp = padded_cols(V),
+// logits [n, V] = h [n, H] @ W^T + b, with W^T given as Wt [H, Vp] (Vp = padded_cols<T>(V),
 // zero beyond V) so every GEMM column block is full width and aligned; logits has
 // leading dimension Vp too. b may be null.
 template <typename T>
 inline void output_logits(int64_t n, int64_t H, int64_t V, const T* h, const T* Wt, const T* b,
                           T* logits) {
-  const int64_t Vp = padded_cols(V);
+  const int64_t Vp = padded_cols<T>(V);
   for (int64_t r = 0; r < n; ++r) {
     T* row = logits + r * Vp;
     for (int64_t v = 0; v < Vp; ++v) row[v] = (b && v < V) ? b[v] : T(0);
@@ -39,11 +39,11 @@ inline void output_logits(int64_t n, int64_t H, int64_t V, const T* h, const T* 
   small_gemm<T>(n, Vp, H, row_major(h, H), Wt, Vp, logits, Vp, /*accumulate=*/true);
 }
 
-// lse[r] and loss[r] (0 for ignored rows) from logits [n, V] (leading dimension padded_cols(V)).
+// lse[r] and loss[r] (0 for ignored rows) from logits [n, V] (leading dimension padded_cols<T>(V)).
 template <typename T>
 inline void output_loss_rows(int64_t n, int64_t V, const T* logits, const int64_t* target,
                              int64_t ignore_index, T eps, T* lse, T* loss) {
-  const int64_t Vp = padded_cols(V);
+  const int64_t Vp = padded_cols<T>(V);
   for (int64_t r = 0; r < n; ++r) {
     const T* row = logits + r * Vp;
     lse[r] = row_logsumexp<T, T>(row, V);
@@ -55,7 +55,7 @@ inline void output_loss_rows(int64_t n, int64_t V, const T* logits, const int64_
 template <typename T>
 inline void output_dlogits(int64_t n, int64_t V, T* logits, const int64_t* target,
                            int64_t ignore_index, T eps, const T* lse, const T* scale) {
-  const int64_t Vp = padded_cols(V);
+  const int64_t Vp = padded_cols<T>(V);
   for (int64_t r = 0; r < n; ++r) {
     T* row = logits + r * Vp;
     if (target[r] == ignore_index) {
@@ -67,11 +67,11 @@ inline void output_dlogits(int64_t n, int64_t V, T* logits, const int64_t* targe
 }
 
 // dW [V, H] += dlogits^T @ h, db [V] += colsum(dlogits), dh [n, H] = dlogits @ W.
-// dlogits has leading dimension padded_cols(V).
+// dlogits has leading dimension padded_cols<T>(V).
 template <typename T>
 inline void output_backward(int64_t n, int64_t H, int64_t V, const T* dlogits, const T* h,
                             const T* W, T* dW, T* db, T* dh) {
-  const int64_t Vp = padded_cols(V);
+  const int64_t Vp = padded_cols<T>(V);
   small_gemm<T>(V, H, n, transposed(dlogits, Vp), h, H, dW, H, /*accumulate=*/true);
   for (int64_t r = 0; r < n; ++r) {
     const T* d = dlogits + r * Vp;

@@ -128,6 +128,26 @@ def test_sgd_step_matches_manual_sgd(batch):
         assert a.grad is None
 
 
+def test_sgd_step_restores_grad_mode_and_sees_replaced_parameters():
+    model = MLPLanguageModel(init="notebook")
+    idx = torch.randint(0, 27, (16, 3))
+    targets = torch.randint(0, 27, (16,))
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            model.sgd_step(idx, targets, lr=0.1)
+            assert torch.is_grad_enabled() is enabled
+            # An error inside the op (bad index) must not leave grad mode switched off.
+            with pytest.raises(IndexError, match="idx"):
+                model.sgd_step(torch.full((16, 3), 27), targets, lr=0.1)
+            assert torch.is_grad_enabled() is enabled
+    # The step reads the parameters on every call: a replaced one is the one updated.
+    new_w2 = nn.Parameter(torch.zeros(27, 200))
+    model.head.weight = new_w2
+    model.sgd_step(idx, targets, lr=0.1)
+    assert new_w2.abs().sum() > 0
+    assert model.head.weight is new_w2
+
+
 def test_compiled_model_fullgraph():
     model = MLPLanguageModel(init="notebook")
     idx = torch.randint(0, 27, (256, 3))

@@ -41,20 +41,24 @@ __global__ void __launch_bounds__(kRowThreads)
        b += static_cast<int64_t>(gridDim.x) * warps) {
     const scalar_t* row = logits + b * V;
     const int64_t t = load_target(target, b, V, ignore_index, err);
+    // Online (m, s): s = sum exp(x - m) over this lane's columns. A NaN logit never
+    // raises m (x > m is false) but must still poison s, as on CPU and in torch:
+    // hence "x != -inf" rather than "m != -inf" (which would drop a NaN seen while
+    // m is still -inf), and the rescale below keys on s, not on m.
     acc_t m = neg_inf<acc_t>(), s = acc_t(0), sx = acc_t(0), xt = acc_t(0);
     for (int64_t v = lane; v < V; v += kWarp) {
       const acc_t x = static_cast<acc_t>(row[v]);
       if (x > m) {
-        s = (m == neg_inf<acc_t>() ? acc_t(0) : s * dev_exp(m - x)) + acc_t(1);
+        s = (m == neg_inf<acc_t>() ? s : s * dev_exp(m - x)) + acc_t(1);
         m = x;
-      } else if (m != neg_inf<acc_t>()) {
+      } else if (x != neg_inf<acc_t>()) {
         s += dev_exp(x - m);
       }
       sx += x;
       if (v == t) xt = x;
     }
     const acc_t M = warp_max(m);
-    s = (m == neg_inf<acc_t>()) ? acc_t(0) : s * dev_exp(m - M);
+    s = s != acc_t(0) ? s * dev_exp(m - M) : acc_t(0);  // s == 0: nothing but -inf here
     const acc_t lse = M + dev_log(warp_sum(s));
     xt = warp_sum(xt);
     sx = eps != acc_t(0) ? warp_sum(sx) : acc_t(0);

@@ -129,11 +129,18 @@ __device__ inline int64_t load_target(const int64_t* p, int64_t pos, int64_t bou
   return v;
 }
 
-// Opts a kernel into `bytes` of dynamic shared memory when above the 48 KiB default
-// (once per device, kernel and size: see runtime_cuda.cpp).
+// Opts a kernel into `bytes` of dynamic shared memory when it may not fit the default
+// (once per device, kernel and size: see runtime_cuda.cpp). The default 48 KiB limit
+// covers static + dynamic shared memory (the default maximum dynamic size is 48 KiB
+// minus the kernel's static __shared__), so the opt-in starts below 48 KiB by the
+// static reserve that max_dynamic_smem() also keeps back.
+constexpr size_t kStaticSmemReserveBytes = 2048;
+
 template <typename Kernel>
 inline void set_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) set_dynamic_smem_impl(reinterpret_cast<const void*>(kernel), bytes);
+  if (bytes + kStaticSmemReserveBytes > 48 * 1024) {
+    set_dynamic_smem_impl(reinterpret_cast<const void*>(kernel), bytes);
+  }
 }
 
 // Grid size for a grid-stride loop over `work` items.

@@ -25,10 +25,13 @@ constexpr int64_t kFoldedMinRows = 2048;
 // memory-bound gather / scatter passes over [B, H]; see embed_linear_tanh_kernels.cu).
 // Same cost model and the same process-wide override (charmlp._C._set_embed_algorithm)
 // as the CPU kernels, plus a minimum batch: on a GPU each extra launch costs microseconds.
+// Never with T * E == 0: there is nothing to fold, a T = 0 fold GEMM would be an
+// empty (invalid) launch, and the folded backward would leave grad_table unwritten.
 bool cuda_use_folded(int64_t B, int64_t T, int64_t V, int64_t E) {
+  if (T * E == 0) return false;
   switch (get_embed_algorithm()) {
     case EmbedAlgorithm::kDirect: return false;
-    case EmbedAlgorithm::kFolded: return T * E > 0;
+    case EmbedAlgorithm::kFolded: return true;
     case EmbedAlgorithm::kAuto: break;
   }
   return B >= kFoldedMinRows && V * E + 2 * B < B * E;
@@ -50,6 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   at::Tensor grad_weight = at::empty({H, K}, weight.options());
   at::Tensor grad_bias = at::empty({H}, weight.options());
   if (B == 0 || H == 0) {
+    // H == 0: no GEMM runs, but idx is still checked (like on CPU); out is not touched.
+    launch_embed_forward<scalar_t>(idx.const_data_ptr<int64_t>(), table.const_data_ptr<scalar_t>(),
+                                   weight.const_data_ptr<scalar_t>(), nullptr, nullptr, B, T, V, E,
+                                   H, err, stream);
     grad_weight.zero_();
     grad_bias.zero_();
     return {at::zeros_like(table, at::MemoryFormat::Contiguous), grad_weight, grad_bias};
@@ -99,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
       launch_embed_grad_emb<scalar_t, acc_t>(go, o, ip, weight.const_data_ptr<scalar_t>(), nullptr,
                                              grad_emb.mutable_data_ptr<acc_t>(), B, T, V, E, H,
                                              err, stream);
-      if (V * E <= kOwnedMaxEntries) {
+      // T <= kOwnedMaxPositions keeps a chunk's indices (rows * T) within the 32 KiB
+      // of shared memory the owned kernel is launched with.
+      if (V * E <= kOwnedMaxEntries && T <= kOwnedMaxPositions) {
         // (3) owned-entry reduction over row chunks, chunks summed in order.
         const int64_t rows = std::max<int64_t>(
             1, std::min<int64_t>(kOwnedMaxPositions / std::max<int64_t>(T, 1),

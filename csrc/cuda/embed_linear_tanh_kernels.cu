@@ -338,6 +338,24 @@ __global__ void folded_S_finish_kernel(const acc_t* __restrict__ partial, int64_
   }
 }
 
+// Checks every index (recording the first bad one) without using it: for the
+// degenerate shapes (H == 0 or T*E == 0) where no other kernel reads idx, so that a bad
+// index raises like on CPU (which checks idx whatever the shapes).
+__global__ void check_indices_kernel(const int64_t* __restrict__ idx, int64_t n, int64_t V,
+                                     IndexErrorRecord err) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    (void)load_index(idx, i, V, err, kArgIdx);
+  }
+}
+
+void launch_check_indices(const int64_t* idx, int64_t n, int64_t V, IndexErrorRecord err,
+                          cudaStream_t stream) {
+  if (n == 0) return;
+  check_indices_kernel<<<grid_for(n, 256, 4LL * num_sms()), 256, 0, stream>>>(idx, n, V, err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -345,8 +363,11 @@ void launch_embed_forward(const int64_t* idx, const scalar_t* table, const scala
                           const scalar_t* bias, scalar_t* out, int64_t B, int64_t T, int64_t V,
                           int64_t E, int64_t H, IndexErrorRecord err, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (B == 0 || H == 0) return;
   const int64_t K = T * E;
+  // No GEMM reads idx when H == 0 or K == 0: check it on its own (out may be null
+  // when H == 0: the backward uses this for its H == 0 early return).
+  if (B > 0 && (H == 0 || K == 0)) launch_check_indices(idx, B * T, V, err, stream);
+  if (B == 0 || H == 0) return;
   GatherEmb<scalar_t, acc_t, false> la{idx, table, T, E, V, K, err};
   RowMajor<scalar_t, acc_t> lb{weight, K};
   BiasTanhEpi<scalar_t, acc_t> epi{out, bias, H};
@@ -369,6 +390,7 @@ void launch_embed_grad_weight(const scalar_t* grad_out, const scalar_t* out, con
                               cudaStream_t stream) {
   // grad_W | grad_bias = dpre^T @ [emb | 1]: M = H, N = K + 1, reduction over B.
   const int64_t K = T * E;
+  if (K == 0) launch_check_indices(idx, B * T, V, err, stream);  // no operand reads idx
   Dpre<scalar_t, acc_t, true> la{grad_out, out, H};
   GatherEmb<scalar_t, acc_t, true> lb{idx, table, T, E, V, K, err};
   GradWeightEpi<scalar_t, acc_t> epi{grad_weight, grad_bias, splits > 1 ? partial : nullptr, H, K};
@@ -424,6 +446,9 @@ void launch_embed_folded_forward(const int64_t* idx, const scalar_t* table, cons
                                  cudaStream_t stream) {
   if (B == 0 || H == 0) return;
   const int64_t K = T * E;
+  // The host never folds T * E == 0 (the fold GEMM's grid would have T = 0 splits or
+  // V = 0 rows: an invalid launch); P is then not read by the gather-add either.
+  TORCH_CHECK(T > 0 && V > 0, "charmlp: folded embed_linear_tanh needs T > 0 and V > 0");
   TableRowMod<scalar_t, acc_t> la{table, E};
   RowMajor<scalar_t, acc_t> lb{weight, K};
   FoldEpi<acc_t> epi{P, V, H};

@@ -164,12 +164,13 @@ void launch_lce_backward(const acc_t* grad_loss, int64_t reduction, const scalar
 bool sgd_step_fused_ok(int64_t B, int64_t T, int64_t V, int64_t E, int64_t H, size_t acc_size);
 
 // The whole step in one kernel; parameters updated in place, *loss = mean loss before
-// the update (NaN and no update on a bad index).
+// the update, in the parameters' dtype like the CPU op (NaN and no update on a bad
+// index, or when the record already holds an unreported error).
 template <typename scalar_t, typename acc_t>
 void launch_sgd_step_fused(const int64_t* idx, const int64_t* target, scalar_t* table,
                            scalar_t* weight1, scalar_t* bias1, scalar_t* weight2,
                            scalar_t* bias2, acc_t lr, int64_t B, int64_t T, int64_t V, int64_t E,
-                           int64_t H, acc_t* loss, IndexErrorRecord err, cudaStream_t stream);
+                           int64_t H, scalar_t* loss, IndexErrorRecord err, cudaStream_t stream);
 
 // p[i] -= lr * g[i] for 5 tensors in one launch, skipped when an index error is recorded.
 template <typename scalar_t>

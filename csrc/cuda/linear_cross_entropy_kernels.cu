@@ -89,7 +89,9 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t warp_lse(acc_t z, int64_t V) {
   const int lane = threadIdx.x % kWarp;
   const acc_t m = warp_max(lane < V ? z : neg_inf<acc_t>());
-  const acc_t e = lane < V && m != neg_inf<acc_t>() ? dev_exp(z - m) : acc_t(0);
+  // z == -inf contributes 0 (also when m == -inf); a NaN z is ignored by the max but
+  // must still make lse NaN, as on CPU, so the test is on z, not on m.
+  const acc_t e = lane < V && z != neg_inf<acc_t>() ? dev_exp(z - m) : acc_t(0);
   return m + dev_log(warp_sum(e));
 }
 

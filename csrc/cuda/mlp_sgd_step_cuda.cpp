@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 
 #include "cuda/host_common.h"
 #include "cuda/ops_cuda.h"
@@ -24,8 +25,14 @@ at::Tensor mlp_sgd_step_cuda(const at::Tensor& idx, const at::Tensor& target, at
   const int64_t H = weight1.size(0);
   const auto acc_dtype = at::toOpMathType(table.scalar_type());
   const size_t acc_size = acc_dtype == at::kDouble ? 8 : 4;
-  at::Tensor loss = at::empty({}, table.options().dtype(acc_dtype));
+  // The loss has the parameters' dtype, like the CPU op and the fake kernel (ops.py).
+  at::Tensor loss = at::empty({}, table.options());
   const cudaStream_t stream = current_stream();
+  if (B == 0) {  // the mean over no rows is NaN (like F.cross_entropy); every gradient is 0
+    loss.fill_(std::numeric_limits<double>::quiet_NaN());
+    check_index_errors();
+    return loss;
+  }
 
   // Work on contiguous parameters; copy back only if the caller's were not.
   std::array<at::Tensor*, 5> params{&table, &weight1, &bias1, &weight2, &bias2};
@@ -41,7 +48,7 @@ at::Tensor mlp_sgd_step_cuda(const at::Tensor& idx, const at::Tensor& target, at
           work[0].mutable_data_ptr<scalar_t>(), work[1].mutable_data_ptr<scalar_t>(),
           work[2].mutable_data_ptr<scalar_t>(), work[3].mutable_data_ptr<scalar_t>(),
           work[4].mutable_data_ptr<scalar_t>(), static_cast<acc_t>(lr), B, T, V, E, H,
-          loss.mutable_data_ptr<acc_t>(), index_error_record(), stream);
+          loss.mutable_data_ptr<scalar_t>(), index_error_record(), stream);
     });
   } else {
     // General path: the per-layer kernels (no host checks in between), then one

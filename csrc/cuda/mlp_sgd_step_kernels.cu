@@ -39,6 +39,9 @@ namespace {
 constexpr int64_t kIgnoreIndex = -100;
 constexpr int kStepThreads = 1024;
 constexpr int64_t kFusedMaxBatch = 128;
+// Work limits of the single-block kernel (lecture, B = 32: 3.6e5 MACs, 1.2e4 parameters).
+constexpr int64_t kFusedMaxMacs = int64_t{1} << 23;
+constexpr int64_t kFusedMaxParams = int64_t{1} << 21;
 constexpr int kZStride = kWarp + 1;  // row stride of the logits / dz buffer (odd)
 
 struct StepSmem {
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(kStepThreads)
                               scalar_t* __restrict__ table, scalar_t* __restrict__ W1,
                               scalar_t* __restrict__ b1, scalar_t* __restrict__ W2,
                               scalar_t* __restrict__ b2, acc_t lr, int64_t B, int64_t T, int64_t V,
-                              int64_t E, int64_t H, StepSmem L, acc_t* __restrict__ loss_out,
+                              int64_t E, int64_t H, StepSmem L, scalar_t* __restrict__ loss_out,
                               IndexErrorRecord err) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* emb_s = reinterpret_cast<acc_t*>(smem_raw + L.emb);  // B x Kp
@@ -92,24 +95,48 @@ __global__ void __launch_bounds__(kStepThreads)
   const int nthreads = blockDim.x, nwarps = nthreads / kWarp;
 
   // 0. Indices (B*T and B are at most a few thousand: a strided loop per thread).
-  int bad = 0;
+  // A bad value is recorded the way the CPU op reports it (checked_indices_cpu): idx
+  // before target, the lowest flat position first. s_bad holds the lowest bad
+  // position of each (~0 = none); only thread 0 records, after the barrier.
+  __shared__ unsigned long long s_bad[2];
+  if (tid == 0) s_bad[0] = s_bad[1] = ~0ull;
+  __syncthreads();
   for (int64_t i = tid; i < B * T; i += nthreads) {
-    const int64_t v = load_index(idx, i, V, err, kArgIdx);
-    bad |= v < 0;
-    idx_s[i] = static_cast<int32_t>(v);
+    const int64_t v = idx[i];
+    if (static_cast<uint64_t>(v) >= static_cast<uint64_t>(V)) {
+      atomicMin(&s_bad[0], static_cast<unsigned long long>(i));
+    }
+    idx_s[i] = static_cast<int32_t>(v);  // only used when every value is in range
   }
   int counted = 0;
   for (int64_t b = tid; b < B; b += nthreads) {
-    const int64_t raw = target[b];
-    const int64_t t = load_target(target, b, V, kIgnoreIndex, err);
-    bad |= (t < 0 && raw != kIgnoreIndex);
-    counted += raw != kIgnoreIndex;
-    tgt_s[b] = static_cast<int32_t>(t);
+    const int64_t t = target[b];
+    const bool ignored = t == kIgnoreIndex;
+    if (!ignored && static_cast<uint64_t>(t) >= static_cast<uint64_t>(V)) {
+      atomicMin(&s_bad[1], static_cast<unsigned long long>(b));
+    }
+    counted += !ignored;
+    tgt_s[b] = ignored ? -1 : static_cast<int32_t>(t);
   }
   __shared__ long long s_scratch_ll[kWarp];
+  // block_sum's barriers also publish idx_s, tgt_s and s_bad.
   const long long count = block_sum(static_cast<long long>(counted), s_scratch_ll);
-  if (__syncthreads_or(bad)) {
-    if (tid == 0) *loss_out = std::numeric_limits<acc_t>::quiet_NaN();
+  // An error already in the record (a captured replay or an earlier op not reported
+  // yet) also blocks the update, like the general path's SGD kernel: the host raises
+  // it from this call, and a call that raises has not touched the parameters. Read by
+  // one thread and broadcast so that every thread takes the same branch.
+  const bool stale = __syncthreads_or(tid == 0 && index_error_is_set(err));
+  if (stale || s_bad[0] != ~0ull || s_bad[1] != ~0ull) {
+    if (tid == 0) {
+      if (s_bad[0] != ~0ull) {
+        const int64_t pos = static_cast<int64_t>(s_bad[0]);
+        record_index_error(err, kArgIdx, idx[pos], V, pos);
+      } else if (s_bad[1] != ~0ull) {
+        const int64_t pos = static_cast<int64_t>(s_bad[1]);
+        record_index_error(err, kArgTarget, target[pos], V, pos);
+      }
+      *loss_out = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    }
     return;  // the host raises; parameters untouched
   }
   const acc_t inv_count = count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
@@ -160,7 +187,9 @@ __global__ void __launch_bounds__(kStepThreads)
   }
   __shared__ acc_t s_scratch[kWarp];
   const acc_t loss_sum = block_sum(my_loss, s_scratch);  // also a barrier for dz
-  if (tid == 0) *loss_out = loss_sum / static_cast<acc_t>(count);  // count 0: NaN like torch
+  if (tid == 0) {  // count 0: NaN like torch
+    *loss_out = static_cast<scalar_t>(loss_sum / static_cast<acc_t>(count));
+  }
 
   // 5. dpre = (dz W2) * (1 - h^2).
   for (int64_t o = tid; o < B * H; o += nthreads) {
@@ -240,19 +269,25 @@ __global__ void sgd_update_kernel(SgdSegments<scalar_t> args, acc_t lr, IndexErr
 bool sgd_step_fused_ok(int64_t B, int64_t T, int64_t V, int64_t E, int64_t H, size_t acc_size) {
   const StepSmem L = acc_size == sizeof(double) ? step_smem<double>(B, T, E, H)
                                                 : step_smem<float>(B, T, E, H);
-  return B <= kFusedMaxBatch && V <= kWarp &&
-         static_cast<size_t>(L.total_bytes) <= max_dynamic_smem();
+  // One block on one SM does every multiply-add and streams every parameter: past a
+  // few million of either, the multi-block general path is faster (shared memory alone
+  // admits e.g. B = 1 with H = K = 10^4, i.e. 10^8 parameters on one SM).
+  const int64_t K = T * E;
+  const int64_t macs = std::max<int64_t>(B, 1) * H * (K + V);
+  const int64_t params = V * E + H * K + H + V * H + V;
+  return B <= kFusedMaxBatch && V <= kWarp && macs <= kFusedMaxMacs &&
+         params <= kFusedMaxParams && static_cast<size_t>(L.total_bytes) <= max_dynamic_smem();
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_sgd_step_fused(const int64_t* idx, const int64_t* target, scalar_t* table,
                            scalar_t* weight1, scalar_t* bias1, scalar_t* weight2,
                            scalar_t* bias2, acc_t lr, int64_t B, int64_t T, int64_t V, int64_t E,
-                           int64_t H, acc_t* loss, IndexErrorRecord err, cudaStream_t stream) {
+                           int64_t H, scalar_t* loss, IndexErrorRecord err, cudaStream_t stream) {
   const StepSmem L = step_smem<acc_t>(B, T, E, H);
   auto kernel = mlp_sgd_step_fused_kernel<scalar_t, acc_t>;
   const size_t smem = static_cast<size_t>(L.total_bytes);
-  set_dynamic_smem(kernel, smem);
+  set_dynamic_smem(kernel, smem);  // its static scratch (< 2 KiB) is within the reserve
   kernel<<<1, kStepThreads, smem, stream>>>(idx, target, table, weight1, bias1, weight2, bias2, lr,
                                             B, T, V, E, H, L, loss, err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -272,7 +307,7 @@ void launch_sgd_update(const SgdSegments<scalar_t>& segments, acc_t lr, IndexErr
 #define CHARMLP_INSTANTIATE(scalar_t, acc_t)                                                  \
   template void launch_sgd_step_fused<scalar_t, acc_t>(                                      \
       const int64_t*, const int64_t*, scalar_t*, scalar_t*, scalar_t*, scalar_t*, scalar_t*,  \
-      acc_t, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*, IndexErrorRecord,           \
+      acc_t, int64_t, int64_t, int64_t, int64_t, int64_t, scalar_t*, IndexErrorRecord,        \
       cudaStream_t);                                                                          \
   template void launch_sgd_update<scalar_t, acc_t>(const SgdSegments<scalar_t>&, acc_t,      \
                                                    IndexErrorRecord, cudaStream_t);

@@ -10,7 +10,8 @@ from charmlp import ops
 from conftest import assert_close
 
 # (B, T, V, E, H)
-SHAPES = [(32, 3, 27, 10, 200), (1, 1, 2, 1, 1), (7, 2, 5, 3, 9), (100, 8, 27, 64, 33), (5000, 3, 27, 10, 200), (64, 4, 40, 5, 17)]
+SHAPES = [(32, 3, 27, 10, 200), (1, 1, 2, 1, 1), (7, 2, 5, 3, 9), (100, 8, 27, 64, 33), (5000, 3, 27, 10, 200), (64, 4, 40, 5, 17),
+          (40, 10, 6, 2, 20)]  # T = 10: past the single-pass limit of the folded loops (8)
 
 
 def _params(T, V, E, H, dtype=torch.float32, seed=0):

@@ -29,6 +29,10 @@ inline void fold_table_into_weight(const T* table, const T* Wt, T* P, int64_t Tn
   }
 }
 
+// Context positions handled by the single-pass loops below (the lecture has 3, the
+// large benchmark 8); longer contexts take a pass per position through a row buffer.
+constexpr int64_t kFoldedMaxPositions = 8;
+
 // out[r] = tanh(bias + sum_j P[j, idx[r, j]]) for n rows.  idx n x T, out n x H, bias H or null
 template <typename T, typename out_t>
 inline void folded_forward_rows(int64_t n, const int64_t* idx, const T* P, const T* bias,
@@ -75,6 +79,48 @@ inline void folded_scatter_rows(int64_t n, const int64_t* idx, const T* dpre, T*
       T* s = S + (j * V + idx[r * Tn + j]) * H;
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) s[k] += d[k];
+    }
+  }
+}
+
+// tanh_backward_rows then folded_scatter_rows in one pass: dpre = dh (1 - h^2) is
+// formed in a register, added to dbias and to the row's T slices of S, and never
+// stored (past kFoldedMaxPositions positions the two passes run, with dpre in dh:
+// treat dh as clobbered).  idx n x T, dh, h n x H, dbias H, S T x V x H
+template <typename T>
+inline void folded_tanh_backward_scatter_rows(int64_t n, const int64_t* idx, T* dh,
+                                              const T* h, T* dbias, T* S, int64_t Tn, int64_t V,
+                                              int64_t H) {
+  if (Tn > kFoldedMaxPositions) {
+    for (int64_t r = 0; r < n; ++r) {
+      T* d = dh + r * H;
+      tanh_backward_rows<T>(1, d, h + r * H, dbias, H);
+      folded_scatter_rows<T>(1, idx + r * Tn, d, S, Tn, V, H);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const T* d = dh + r * H;
+    const T* hr = h + r * H;
+    T* rows[kFoldedMaxPositions];
+    for (int64_t j = 0; j < Tn; ++j) rows[j] = S + (j * V + idx[r * Tn + j]) * H;
+    for (int64_t k0 = 0; k0 < H; k0 += kVectorLanes) {  // as in folded_forward_rows
+      T dp[kVectorLanes];
+#pragma omp simd
+      for (int64_t i = 0; i < kVectorLanes; ++i) {
+        const bool in = k0 + i < H;
+        const T hv = in ? hr[k0 + i] : T(0);
+        dp[i] = in ? d[k0 + i] * (T(1) - hv * hv) : T(0);
+        if (in) dbias[k0 + i] += dp[i];
+      }
+      // Rows of different positions lie in disjoint slices S_j: no aliasing.
+      for (int64_t j = 0; j < Tn; ++j) {
+        T* s = rows[j] + k0;
+#pragma omp simd
+        for (int64_t i = 0; i < kVectorLanes; ++i) {
+          if (k0 + i < H) s[i] += dp[i];
+        }
+      }
     }
   }
 }

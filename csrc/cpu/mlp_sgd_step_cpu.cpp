@@ -12,7 +12,7 @@
 //     logits  = h @ W2^T + b2, lse, loss (output_layer.h)        [n, V]
 //     dlogits = (softmax - onehot) / count                       in place
 //     dW2 += dlogits^T h, db2 += colsum, dh = dlogits @ W2       [n, H]
-//     dpre = dh (1 - h^2); db1 += colsum; S_j[idx[:, j]] += dpre
+//     dpre = dh (1 - h^2); db1 += colsum; S_j[idx[:, j]] += dpre   (one pass, folded)
 //   after the chunks (per-thread partials summed in thread order):
 //     dtable = sum_j S_j @ W_j, dW1_j = S_j^T table
 //     every parameter -= lr * grad, in place.
@@ -104,10 +104,10 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
       }
       output_dlogits<T>(n, V, logits, ct, kIgnoreIndex, T(0), lse, scale);
       output_backward<T>(n, H, V, logits, h, W2, dW2, db2, dh);
-      tanh_backward_rows<T>(n, dh, h, db1, H);
       if constexpr (kFolded) {
-        folded_scatter_rows<T>(n, ci, dh, L1, Tn, V, H);
+        folded_tanh_backward_scatter_rows<T>(n, ci, dh, h, db1, L1, Tn, V, H);
       } else {
+        tanh_backward_rows<T>(n, dh, h, db1, H);
         direct_backward_rows<T>(n, ci, dh, emb, W1, emb + C * TE, L1, L1 + H * TE, Tn, E, H);
       }
     }

@@ -18,39 +18,37 @@
 
 namespace charmlp {
 
-// Reductions over a row walk it in blocks of kRowLanes with the lanes past V
-// masked, so the compiler emits one (masked) vector per block. A plain
-// `omp simd reduction` loop leaves V % 16 elements to a scalar remainder loop:
-// at V = 27 those 11 scalar exps cost 4x the vector part, and the loss rows
-// cost more than the logits GEMM that produced them.
-constexpr int64_t kRowLanes = 16;  // one AVX-512 float vector
+// Reductions over a row walk it in blocks of kVectorLanes with the lanes past V
+// masked (vec_math.h). A plain `omp simd reduction` loop leaves V % 16 elements to
+// a scalar remainder loop: at V = 27 those 11 scalar exps cost 4x the vector part,
+// and the loss rows cost more than the logits GEMM that produced them.
 
 // x: V logits (any float type); returns log-sum-exp in acc_t.
 template <typename scalar_t, typename acc_t>
 inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  acc_t lane_max[kRowLanes];
-  for (int64_t j = 0; j < kRowLanes; ++j) lane_max[j] = kNegInf;
-  for (int64_t v0 = 0; v0 < V; v0 += kRowLanes) {
+  acc_t lane_max[kVectorLanes];
+  for (int64_t j = 0; j < kVectorLanes; ++j) lane_max[j] = kNegInf;
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kRowLanes; ++j) {
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
       const acc_t xv = v0 + j < V ? static_cast<acc_t>(x[v0 + j]) : kNegInf;
       lane_max[j] = xv > lane_max[j] ? xv : lane_max[j];
     }
   }
   acc_t m = lane_max[0];
-  for (int64_t j = 1; j < kRowLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
-  acc_t lane_sum[kRowLanes] = {};
-  for (int64_t v0 = 0; v0 < V; v0 += kRowLanes) {
+  for (int64_t j = 1; j < kVectorLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+  acc_t lane_sum[kVectorLanes] = {};
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kRowLanes; ++j) {
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
       const bool in_row = v0 + j < V;
       const acc_t e = fast_exp<acc_t>((in_row ? static_cast<acc_t>(x[v0 + j]) : m) - m);
       lane_sum[j] += in_row ? e : acc_t(0);
     }
   }
   acc_t s = 0;
-  for (int64_t j = 0; j < kRowLanes; ++j) s += lane_sum[j];
+  for (int64_t j = 0; j < kVectorLanes; ++j) s += lane_sum[j];
   return m + std::log(s);
 }
 

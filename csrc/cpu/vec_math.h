@@ -10,6 +10,13 @@
 
 namespace charmlp {
 
+// Width of the explicit vector blocks in the row loops (softmax_xent_row.h,
+// first_layer.h): one AVX-512 vector of float; an AVX2 machine runs a block as two.
+// Loops written as blocks of this many lanes, the lanes past the row's end masked,
+// compile to whole (masked) vectors where a plain loop leaves a scalar remainder or,
+// with an inner loop, is not vectorized at all.
+constexpr int64_t kVectorLanes = 16;
+
 // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, exp(r) by its
 // degree-7 Taylor polynomial (truncation error < 1e-8 relative on that range).
 // Inputs below -87.3 return ~1e-38 instead of a denormal or 0: harmless for

@@ -1542,9 +1542,13 @@ def render_markdown(res: dict, ablation: dict | None = None, plots: list[str] | 
               "/proc/self/clear_refs). It counts everything the step needs: activations, gradients, kernels' "
               f"scratch kept between calls, library buffers. Ratio vs {REFERENCE_ARM} eager in brackets.", ""]
         L += rss_rows + [""]
+    caveat = ("charmlp's fused kernels keep their scratch in per-thread buffers outside PyTorch's allocator, so this "
+              "column understates charmlp; the resident-set table above is the one to quote."
+              if not dev.startswith("cuda") else
+              "charmlp's CUDA kernels allocate all scratch through PyTorch's caching allocator, so every arm's "
+              "device memory is counted.")
     L += [f"**Tensor allocations** during a warm training step: {how}. Ratio vs {REFERENCE_ARM} eager in brackets. "
-          "charmlp's fused kernels keep their scratch in per-thread buffers outside PyTorch's allocator, so this "
-          "column understates charmlp; the resident-set table above is the one to quote.", ""]
+          + caveat, ""]
     L += memory_table(res) + [""]
     L += ["## Correctness gate", "",
           "Before timing, each arm's loss and five gradients (forward + backward), and the loss and the update of "

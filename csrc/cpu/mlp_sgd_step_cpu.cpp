@@ -9,8 +9,8 @@
 //   shared, once per step:  Wt = W1^T, P_j = table @ W_j^T (folded_layer.h), W2^T
 //   per chunk of 64 rows (threads take contiguous ranges of chunks):
 //     h       = tanh(b1 + sum_j P_j[idx[:, j]])                 [n, H]
-//     logits  = h @ W2^T + b2, lse, loss (output_layer.h)        [n, V]
-//     dlogits = (softmax - onehot) / count                       in place
+//     logits  = h @ W2^T + b2 (output_layer.h)                   [n, V]
+//     loss, dlogits = (softmax - onehot) / count, one exp pass    in place
 //     dW2 += dlogits^T h, db2 += colsum, dh = dlogits @ W2       [n, H]
 //     dpre = dh (1 - h^2); db1 += colsum; S_j[idx[:, j]] += dpre   (one pass, folded)
 //   after the chunks (per-thread partials summed in thread order):
@@ -97,12 +97,9 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, int64_t count, T* tab
         direct_forward_rows<T>(n, emb, W1t, b1, h, TE, H);
       }
       output_logits<T>(n, H, V, h, W2t, b2, logits);
-      output_loss_rows<T>(n, V, logits, ct, kIgnoreIndex, T(0), lse, loss);
-      for (int64_t r = 0; r < n; ++r) {
-        loss_sum += loss[r];
-        scale[r] = inv_count;
-      }
-      output_dlogits<T>(n, V, logits, ct, kIgnoreIndex, T(0), lse, scale);
+      std::fill_n(scale, n, inv_count);
+      output_loss_and_dlogits<T>(n, V, logits, ct, kIgnoreIndex, T(0), scale, lse, loss);
+      for (int64_t r = 0; r < n; ++r) loss_sum += loss[r];
       output_backward<T>(n, H, V, logits, h, W2, dW2, db2, dh);
       if constexpr (kFolded) {
         folded_tanh_backward_scatter_rows<T>(n, ci, dh, h, db1, L1, Tn, V, H);

@@ -66,6 +66,24 @@ inline void output_dlogits(int64_t n, int64_t V, T* logits, const int64_t* targe
   }
 }
 
+// output_loss_rows then output_dlogits in one pass per row (row_loss_and_grad), for
+// callers that know the gradient scales before the forward: one exp per logit.
+template <typename T>
+inline void output_loss_and_dlogits(int64_t n, int64_t V, T* logits, const int64_t* target,
+                                    int64_t ignore_index, T eps, const T* scale, T* lse, T* loss) {
+  const int64_t Vp = padded_cols<T>(V);
+  for (int64_t r = 0; r < n; ++r) {
+    T* row = logits + r * Vp;
+    if (target[r] == ignore_index) {
+      lse[r] = row_logsumexp<T, T>(row, V);
+      loss[r] = T(0);
+      std::fill_n(row, V, T(0));
+    } else {
+      loss[r] = row_loss_and_grad<T>(row, V, target[r], eps, scale[r], lse + r);
+    }
+  }
+}
+
 // dW [V, H] += dlogits^T @ h, db [V] += colsum(dlogits), dh [n, H] = dlogits @ W.
 // dlogits has leading dimension padded_cols<T>(V).
 template <typename T>

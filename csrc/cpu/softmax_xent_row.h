@@ -66,16 +66,71 @@ inline acc_t row_loss(const scalar_t* x, int64_t V, int64_t target, acc_t lse, a
 }
 
 // g[v] = scale * (exp(x_v - lse) - (1 - eps) [v == target] - eps / V).
+// In lane blocks like the reductions above (g may alias x: each lane reads its
+// element before writing it).
 template <typename scalar_t, typename acc_t, typename out_t>
 inline void row_grad(const scalar_t* x, int64_t V, int64_t target, acc_t lse, acc_t eps,
                      acc_t scale, out_t* g) {
   const acc_t smooth = eps / static_cast<acc_t>(V);
   const acc_t hit = acc_t(1) - eps;
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
-  for (int64_t v = 0; v < V; ++v) {
-    const acc_t p = fast_exp<acc_t>(static_cast<acc_t>(x[v]) - lse);
-    g[v] = static_cast<out_t>(scale * (p - smooth - (v == target ? hit : acc_t(0))));
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
+      const int64_t v = v0 + j;
+      if (v < V) {
+        const acc_t p = fast_exp<acc_t>(static_cast<acc_t>(x[v]) - lse);
+        g[v] = static_cast<out_t>(scale * (p - smooth - (v == target ? hit : acc_t(0))));
+      }
+    }
   }
+}
+
+// Loss and gradient of one row in one pass over its exps, for callers that know the
+// row's gradient scale before the forward (mlp_sgd_step): the exp(x - m) summed for
+// lse are kept and normalized into the softmax, one exp per logit instead of the
+// two of row_logsumexp + row_grad. In place: x holds the V logits on entry and the
+// gradient on return. Returns the loss; *lse_out = lse.
+template <typename acc_t>
+inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, acc_t scale,
+                               acc_t* lse_out) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t lane_max[kVectorLanes];
+  for (int64_t j = 0; j < kVectorLanes; ++j) lane_max[j] = kNegInf;
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
+      const acc_t xv = v0 + j < V ? x[v0 + j] : kNegInf;
+      lane_max[j] = xv > lane_max[j] ? xv : lane_max[j];
+    }
+  }
+  acc_t m = lane_max[0];
+  for (int64_t j = 1; j < kVectorLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+  const acc_t loss_without_lse = row_loss<acc_t, acc_t>(x, V, target, acc_t(0), eps);
+  acc_t lane_sum[kVectorLanes] = {};
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
+      if (v0 + j < V) {
+        const acc_t e = fast_exp<acc_t>(x[v0 + j] - m);
+        x[v0 + j] = e;
+        lane_sum[j] += e;
+      }
+    }
+  }
+  acc_t s = 0;
+  for (int64_t j = 0; j < kVectorLanes; ++j) s += lane_sum[j];
+  const acc_t lse = m + std::log(s);
+  const acc_t p_scale = scale / s, smooth = scale * eps / static_cast<acc_t>(V);
+  const acc_t hit = scale * (acc_t(1) - eps);
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
+      const int64_t v = v0 + j;
+      if (v < V) x[v] = x[v] * p_scale - smooth - (v == target ? hit : acc_t(0));
+    }
+  }
+  *lse_out = lse;
+  return lse + loss_without_lse;
 }
 
 }  // namespace charmlp

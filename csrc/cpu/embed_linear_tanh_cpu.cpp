@@ -59,16 +59,13 @@ EmbedAlgorithm get_embed_algorithm() {
 
 namespace {
 
-// Copies table rows for rows [b0, b0 + n) into tile.  idx B x T, table V x E, tile n x (T*E)
+// Copies table rows for rows [b0, b0 + n) into tile (first_layer.h's gather, in
+// parallel: here the tile is up to kDirectTileRows rows).  idx B x T, table V x E, tile n x (T*E)
 template <typename acc_t>
 void gather_tile(const int64_t* idx, const acc_t* table, acc_t* tile, int64_t b0, int64_t n,
                  int64_t T, int64_t E) {
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t j = 0; j < T; ++j) {
-        std::copy_n(table + idx[(b0 + r) * T + j] * E, E, tile + (r * T + j) * E);
-      }
-    }
+    gather_embedding_rows<acc_t>(r1 - r0, idx + (b0 + r0) * T, table, tile + r0 * T * E, T, E);
   });
 }
 

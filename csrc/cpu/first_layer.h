@@ -129,10 +129,13 @@ inline void folded_tanh_backward_scatter_rows(int64_t n, const int64_t* idx, T* 
 template <typename T>
 inline void gather_embedding_rows(int64_t n, const int64_t* idx, const T* table, T* emb,
                                   int64_t Tn, int64_t E) {
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t j = 0; j < Tn; ++j) {
-      std::copy_n(table + idx[r * Tn + j] * E, E, emb + (r * Tn + j) * E);
-    }
+  // A vector loop, not std::copy_n: rows of E = 10 floats made that a memmove call
+  // per row, ~3% of the lecture's B = 32 step.
+  for (int64_t r = 0; r < n * Tn; ++r) {
+    const T* src = table + idx[r] * E;
+    T* dst = emb + r * E;
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) dst[e] = src[e];
   }
 }
 

@@ -23,6 +23,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace charmlp {
 
 template <typename T>
@@ -143,6 +147,53 @@ inline void transpose_into(const T* x, int64_t rows, int64_t cols, T* xt, int64_
     for (int64_t r = rows; r < ld; ++r) dst[r] = T(0);
   }
 }
+
+#if defined(__AVX512F__)
+// float: 16 x 16 blocks transposed in registers (16 loads, 64 shuffles, 16 stores)
+// instead of 256 strided scalar copies, ~3x faster. The step transposes both weight
+// matrices every call, ~8% of the lecture's B = 32 step in scalar code.
+// Partial blocks use masked loads (absent rows and columns read as 0) and stores.
+inline void transpose_into(const float* x, int64_t rows, int64_t cols, float* xt, int64_t ld) {
+  for (int64_t r0 = 0; r0 < ld; r0 += 16) {  // a block of xt's columns (x's rows)
+    const int64_t nr = std::clamp<int64_t>(rows - r0, 0, 16);  // rows of x that exist
+    const __mmask16 store_mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, ld - r0)) - 1u);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, cols - c0);
+      const __mmask16 load_mask = static_cast<__mmask16>((1u << nc) - 1u);
+      __m512 r[16], t[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < nr ? _mm512_maskz_loadu_ps(load_mask, x + (r0 + i) * cols + c0) : _mm512_setzero_ps();
+      }
+      // 32-bit then 64-bit interleaves within 128-bit lanes: s[4g + k], lane L, holds
+      // x[4g .. 4g + 3][4L + k] (rows of the block, one column).
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int g = 0; g < 4; ++g) {
+        r[4 * g + 0] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
+        r[4 * g + 1] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xEE);
+        r[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        r[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+      }
+      // A 4 x 4 transpose of 128-bit lanes across r[k], r[4 + k], r[8 + k], r[12 + k]
+      // gives column 4L + k of the block in output lane order.
+      for (int k = 0; k < 4; ++k) {
+        const __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88);
+        const __m512 u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+        const __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+        const __m512 u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+        const __m512 out[4] = {_mm512_shuffle_f32x4(u0, u2, 0x88), _mm512_shuffle_f32x4(u1, u3, 0x88),
+                               _mm512_shuffle_f32x4(u0, u2, 0xDD), _mm512_shuffle_f32x4(u1, u3, 0xDD)};
+        for (int L = 0; L < 4; ++L) {
+          const int64_t c = 4 * L + k;
+          if (c < nc) _mm512_mask_storeu_ps(xt + (c0 + c) * ld + r0, store_mask, out[L]);
+        }
+      }
+    }
+  }
+}
+#endif
 
 template <typename T>
 inline std::vector<T> transpose_copy(const T* x, int64_t rows, int64_t cols, int64_t ld = 0) {

@@ -23,9 +23,9 @@ namespace charmlp {
 // a scalar remainder loop: at V = 27 those 11 scalar exps cost 4x the vector part,
 // and the loss rows cost more than the logits GEMM that produced them.
 
-// x: V logits (any float type); returns log-sum-exp in acc_t.
+// max_v x_v in acc_t (-inf for V = 0; NaNs are skipped: the exp pass propagates them).
 template <typename scalar_t, typename acc_t>
-inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
+inline acc_t row_max(const scalar_t* x, int64_t V) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t lane_max[kVectorLanes];
   for (int64_t j = 0; j < kVectorLanes; ++j) lane_max[j] = kNegInf;
@@ -38,6 +38,13 @@ inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
   }
   acc_t m = lane_max[0];
   for (int64_t j = 1; j < kVectorLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+  return m;
+}
+
+// x: V logits (any float type); returns log-sum-exp in acc_t.
+template <typename scalar_t, typename acc_t>
+inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
+  const acc_t m = row_max<scalar_t, acc_t>(x, V);
   acc_t lane_sum[kVectorLanes] = {};
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
@@ -93,18 +100,7 @@ inline void row_grad(const scalar_t* x, int64_t V, int64_t target, acc_t lse, ac
 template <typename acc_t>
 inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, acc_t scale,
                                acc_t* lse_out) {
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  acc_t lane_max[kVectorLanes];
-  for (int64_t j = 0; j < kVectorLanes; ++j) lane_max[j] = kNegInf;
-  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kVectorLanes; ++j) {
-      const acc_t xv = v0 + j < V ? x[v0 + j] : kNegInf;
-      lane_max[j] = xv > lane_max[j] ? xv : lane_max[j];
-    }
-  }
-  acc_t m = lane_max[0];
-  for (int64_t j = 1; j < kVectorLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+  const acc_t m = row_max<acc_t, acc_t>(x, V);
   const acc_t loss_without_lse = row_loss<acc_t, acc_t>(x, V, target, acc_t(0), eps);
   acc_t lane_sum[kVectorLanes] = {};
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {

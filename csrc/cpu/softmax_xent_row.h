@@ -36,8 +36,9 @@ inline acc_t row_max(const scalar_t* x, int64_t V) {
       lane_max[j] = xv > lane_max[j] ? xv : lane_max[j];
     }
   }
-  acc_t m = lane_max[0];
-  for (int64_t j = 1; j < kVectorLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
+  acc_t m = kNegInf;  // the 16 lanes reduced as a vector tree, not a 15-step scalar chain
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < kVectorLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
   return m;
 }
 
@@ -55,6 +56,7 @@ inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
     }
   }
   acc_t s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < kVectorLanes; ++j) s += lane_sum[j];
   return m + std::log(s);
 }
@@ -114,6 +116,7 @@ inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, a
     }
   }
   acc_t s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < kVectorLanes; ++j) s += lane_sum[j];
   const acc_t lse = m + std::log(s);
   const acc_t p_scale = scale / s, smooth = scale * eps / static_cast<acc_t>(V);

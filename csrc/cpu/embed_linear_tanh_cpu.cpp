@@ -35,6 +35,7 @@
 #include "cpu/first_layer.h"
 #include "cpu/index_check.h"
 #include "cpu/vec_math.h"
+#include "cpu/workspace.h"
 
 namespace charmlp {
 
@@ -48,6 +49,13 @@ constexpr int64_t kDirectTileRows = 512;
 constexpr int64_t kColumnGrain = 32;
 // Below this many B*H elements the column-owned pass runs on one thread.
 constexpr int64_t kSerialWork = 1 << 15;
+// Direct algorithm: up to this many multiply-adds per GEMM (B*H*T*E) the GEMMs run
+// through small_gemm.h on 64-row chunks (first_layer.h, as in mlp_sgd_step) instead
+// of ATen's: at the lecture's B = 32 each at::addmm / at::mm call costs more in
+// dispatch and BLAS setup than its arithmetic. Larger problems keep ATen's
+// multithreaded, cache-blocked GEMMs.
+constexpr int64_t kSmallDirectMacs = int64_t{1} << 22;
+constexpr int64_t kSmallDirectChunk = 64;
 }  // namespace
 
 void set_embed_algorithm(EmbedAlgorithm algorithm) {
@@ -111,6 +119,23 @@ at::Tensor forward_impl(const at::Tensor& idx, const at::Tensor& table, const at
 
   // Direct: accumulate in acc_t (out itself when scalar_t is already acc_t).
   at::Tensor out_acc = std::is_same_v<scalar_t, acc_t> ? out : at::empty({B, H}, table_acc.options());
+  if (B * H * T * E <= kSmallDirectMacs) {
+    const int64_t TE = T * E;
+    const std::vector<acc_t> Wt = transpose_copy(weight_acc.const_data_ptr<acc_t>(), H, TE);
+    const acc_t* b = bias_acc ? bias_acc->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* tp = table_acc.const_data_ptr<acc_t>();
+    acc_t* o = out_acc.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, kSmallDirectChunk, [&](int64_t b0, int64_t b1) {
+      acc_t* emb = thread_scratch<acc_t>(Scratch::kChunkD, kSmallDirectChunk * TE);
+      for (int64_t c0 = b0; c0 < b1; c0 += kSmallDirectChunk) {
+        const int64_t n = std::min(kSmallDirectChunk, b1 - c0);
+        gather_embedding_rows<acc_t>(n, idx_p + c0 * T, tp, emb, T, E);
+        direct_forward_rows<acc_t>(n, emb, Wt.data(), b, o + c0 * H, TE, H);
+      }
+    });
+    if (!out_acc.is_same(out)) out.copy_(out_acc);
+    return out;
+  }
   at::Tensor tile = at::empty({std::min(B, kDirectTileRows), T * E}, table_acc.options());
   const at::Tensor weight_t = weight_acc.t();
   for (int64_t b0 = 0; b0 < B; b0 += kDirectTileRows) {
@@ -167,6 +192,31 @@ void dpre_pass(const scalar_t* grad_out, const scalar_t* out, const int64_t* idx
   });
 }
 
+// The direct backward for large problems: ATen's (multithreaded, cache-blocked)
+// GEMMs per tile of kDirectTileRows rows, then the table scatter in row order.
+//   dpre B x H; grad_weight H x (T*E) and grad_table V x E accumulated in place
+template <typename acc_t>
+void direct_backward_tiles(const at::Tensor& dpre, const int64_t* idx_p, const at::Tensor& table_acc,
+                           const at::Tensor& weight_acc, at::Tensor& grad_weight,
+                           at::Tensor& grad_table, int64_t B, int64_t T, int64_t E) {
+  const int64_t rows = std::min(B, kDirectTileRows);
+  at::Tensor tile = at::empty({rows, T * E}, table_acc.options());
+  at::Tensor demb = at::empty({rows, T * E}, table_acc.options());
+  for (int64_t b0 = 0; b0 < B; b0 += kDirectTileRows) {
+    const int64_t n = std::min(kDirectTileRows, B - b0);
+    gather_tile<acc_t>(idx_p, table_acc.const_data_ptr<acc_t>(), tile.mutable_data_ptr<acc_t>(), b0,
+                       n, T, E);
+    const at::Tensor dpre_blk = dpre.narrow(0, b0, n);
+    grad_weight.addmm_(dpre_blk.t(), tile.narrow(0, 0, n));
+    at::Tensor demb_blk = demb.narrow(0, 0, n);
+    at::mm_out(demb_blk, dpre_blk, weight_acc);
+    // Serial scatter keeps the accumulation order fixed; it is O(n*T*E), a factor H
+    // below the GEMMs around it.
+    scatter_embedding_grads<acc_t>(n, idx_p + b0 * T, demb.const_data_ptr<acc_t>(),
+                                   grad_table.mutable_data_ptr<acc_t>(), T, E);
+  }
+}
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_out,
                                                              const at::Tensor& out,
@@ -202,29 +252,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
                                dpre.mutable_data_ptr<acc_t>(), B, T, V, H);
     grad_weight = at::zeros({H, T * E}, acc_opts);
     grad_table = at::zeros({V, E}, acc_opts);
-    const int64_t rows = std::min(B, kDirectTileRows);
-    at::Tensor tile = at::empty({rows, T * E}, acc_opts);
-    at::Tensor demb = at::empty({rows, T * E}, acc_opts);
-    acc_t* gt = grad_table.mutable_data_ptr<acc_t>();
-    for (int64_t b0 = 0; b0 < B; b0 += kDirectTileRows) {
-      const int64_t n = std::min(kDirectTileRows, B - b0);
-      gather_tile<acc_t>(idx_p, table_acc.const_data_ptr<acc_t>(), tile.mutable_data_ptr<acc_t>(),
-                         b0, n, T, E);
-      const at::Tensor dpre_blk = dpre.narrow(0, b0, n);
-      grad_weight.addmm_(dpre_blk.t(), tile.narrow(0, 0, n));
-      at::Tensor demb_blk = demb.narrow(0, 0, n);
-      at::mm_out(demb_blk, dpre_blk, weight_acc);
-      // Serial scatter keeps the accumulation order fixed; it is O(n*T*E),
-      // a factor H below the GEMMs around it.
-      const acc_t* de = demb.const_data_ptr<acc_t>();
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t j = 0; j < T; ++j) {
-          acc_t* dst = gt + idx_p[(b0 + r) * T + j] * E;
-          const acc_t* src = de + (r * T + j) * E;
-#pragma omp simd
-          for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
-        }
+    if (B * H * T * E <= kSmallDirectMacs) {
+      // One thread, chunks in order: the table scatter's order is fixed.
+      const int64_t TE = T * E;
+      acc_t* emb = thread_scratch<acc_t>(Scratch::kChunkD, 2 * kSmallDirectChunk * TE);
+      const acc_t* dp = dpre.const_data_ptr<acc_t>();
+      for (int64_t c0 = 0; c0 < B; c0 += kSmallDirectChunk) {
+        const int64_t n = std::min(kSmallDirectChunk, B - c0);
+        gather_embedding_rows<acc_t>(n, idx_p + c0 * T, table_acc.const_data_ptr<acc_t>(), emb, T,
+                                     E);
+        direct_backward_rows<acc_t>(n, idx_p + c0 * T, dp + c0 * H, emb,
+                                    weight_acc.const_data_ptr<acc_t>(), emb + kSmallDirectChunk * TE,
+                                    grad_weight.mutable_data_ptr<acc_t>(),
+                                    grad_table.mutable_data_ptr<acc_t>(), T, E, H);
       }
+    } else {
+      direct_backward_tiles<acc_t>(dpre, idx_p, table_acc, weight_acc, grad_weight, grad_table, B, T,
+                                   E);
     }
   }
   const auto dtype = table.scalar_type();

@@ -155,6 +155,19 @@ inline void direct_forward_rows(int64_t n, const T* emb, const T* Wt, const T* b
   for (int64_t i = 0; i < n * H; ++i) h[i] = fast_tanh<T>(h[i]);
 }
 
+// grad_table[idx[r, j]] += demb[r, j*E:(j+1)*E] for n rows, in row order (repeated
+// indices accumulate in a fixed order).  idx n x T, demb n x (T*E), grad_table V x E
+template <typename T>
+inline void scatter_embedding_grads(int64_t n, const int64_t* idx, const T* demb, T* grad_table,
+                                    int64_t Tn, int64_t E) {
+  for (int64_t r = 0; r < n * Tn; ++r) {
+    T* dst = grad_table + idx[r] * E;
+    const T* src = demb + r * E;
+#pragma omp simd
+    for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
+  }
+}
+
 // Direct: grad_weight [H, T*E] += dpre^T @ emb, and grad_table[idx[r, j]] += (dpre @ W)[r, j*E:].
 // dpre n x H, emb n x (T*E), weight H x (T*E), demb n x (T*E) scratch, grad_table V x E.
 template <typename T>
@@ -164,14 +177,7 @@ inline void direct_backward_rows(int64_t n, const int64_t* idx, const T* dpre, c
   const int64_t TE = Tn * E;
   small_gemm<T>(H, TE, n, transposed(dpre, H), emb, TE, grad_weight, TE, /*accumulate=*/true);
   small_gemm<T>(n, TE, H, row_major(dpre, H), weight, TE, demb, TE, /*accumulate=*/false);
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t j = 0; j < Tn; ++j) {
-      T* dst = grad_table + idx[r * Tn + j] * E;
-      const T* src = demb + (r * Tn + j) * E;
-#pragma omp simd
-      for (int64_t e = 0; e < E; ++e) dst[e] += src[e];
-    }
-  }
+  scatter_embedding_grads<T>(n, idx, demb, grad_table, Tn, E);
 }
 
 // grad_table [V, E] = sum_j S_j @ W_j  and  grad_weight [H, T*E] with columns

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from charmlp import ops
 from conftest import assert_close
 
-# (B, H, V): lecture size, tiny and odd sizes, V not a multiple of the 16-wide GEMM block.
+# (B, H, V): lecture size, tiny and odd sizes, V not a multiple of the GEMM column block (32 floats).
 SHAPES = [(32, 200, 27), (1, 1, 2), (7, 3, 5), (65, 17, 16), (130, 33, 40), (4099, 200, 27), (3, 64, 100)]
 
 

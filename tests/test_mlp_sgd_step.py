@@ -60,6 +60,37 @@ def test_float64_is_exact_to_rounding():
         assert_close(got, want)
 
 
+# Batches that repeat contexts, so that the CPU kernel groups rows by context (its key
+# table, V^T entries, is at most 128x the batch and at most 3/4 of the rows are distinct):
+# (B, T, V, E, H, distinct contexts drawn from).
+REPEATED = [(3000, 2, 6, 3, 20, 36), (4000, 3, 5, 4, 33, 125), (2000, 1, 27, 10, 200, 27),
+            (20000, 3, 27, 10, 200, 300)]
+
+
+@pytest.mark.parametrize("shape", REPEATED, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_repeated_contexts_match_reference(shape, dtype, embed_algorithm):
+    B, T, V, E, H, distinct = shape
+    g = torch.Generator().manual_seed(B)
+    pool = torch.randint(0, V, (distinct, T), generator=g)
+    idx = pool[torch.randint(0, distinct, (B,), generator=g)]
+    target = torch.randint(0, V, (B,), generator=g)
+    target[::5] = -100  # ignored rows inside groups
+    target[(idx == idx[0]).all(dim=1)] = -100  # and one context whose rows are all ignored
+    runs = []
+    for _ in range(2):
+        params = _params(T, V, E, H, dtype=dtype)
+        ref_loss, ref_params = reference_step(idx, target, params, lr=0.1)
+        loss = ops.mlp_sgd_step(idx, target, *params, 0.1)
+        tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+        assert_close(loss, ref_loss, **tol)
+        for got, want in zip(params, ref_params):
+            assert_close(got, want, **tol)
+        runs.append([loss] + params)
+    for a, b in zip(*runs):  # bitwise reproducible
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_ignored_targets_and_all_ignored():
     idx = torch.randint(0, 27, (20, 3))
     target = torch.randint(0, 27, (20,))

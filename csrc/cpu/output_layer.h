@@ -84,6 +84,19 @@ inline void output_loss_and_dlogits(int64_t n, int64_t V, T* logits, const int64
   }
 }
 
+// output_loss_and_dlogits for deduplicated rows (mlp_sgd_step): row r stands for
+// rows[r] rows of the batch with these logits, whose targets have the histogram
+// counts [n, V]; loss[r] is their summed loss, dlogits their summed gradient.
+template <typename T>
+inline void output_loss_and_dlogits_counts(int64_t n, int64_t V, T* logits, const T* counts,
+                                           const T* rows, T scale, T* lse, T* loss) {
+  const int64_t Vp = padded_cols<T>(V);
+  for (int64_t r = 0; r < n; ++r) {
+    loss[r] = row_loss_and_grad_counts<T>(logits + r * Vp, V, counts + r * V, rows[r], scale,
+                                          lse + r);
+  }
+}
+
 // dW [V, H] += dlogits^T @ h, db [V] += colsum(dlogits), dh [n, H] = dlogits @ W.
 // dlogits has leading dimension padded_cols<T>(V).
 template <typename T>

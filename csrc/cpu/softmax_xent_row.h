@@ -94,16 +94,11 @@ inline void row_grad(const scalar_t* x, int64_t V, int64_t target, acc_t lse, ac
   }
 }
 
-// Loss and gradient of one row in one pass over its exps, for callers that know the
-// row's gradient scale before the forward (mlp_sgd_step): the exp(x - m) summed for
-// lse are kept and normalized into the softmax, one exp per logit instead of the
-// two of row_logsumexp + row_grad. In place: x holds the V logits on entry and the
-// gradient on return. Returns the loss; *lse_out = lse.
+// In place: x[v] <- exp(x[v] - m), m = max_v x_v; returns sum_v exp(x[v] - m) and
+// sets *m_out. The shared core of the one-exp-pass loss-and-gradient rows below.
 template <typename acc_t>
-inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, acc_t scale,
-                               acc_t* lse_out) {
+inline acc_t row_exp_inplace(acc_t* x, int64_t V, acc_t* m_out) {
   const acc_t m = row_max<acc_t, acc_t>(x, V);
-  const acc_t loss_without_lse = row_loss<acc_t, acc_t>(x, V, target, acc_t(0), eps);
   acc_t lane_sum[kVectorLanes] = {};
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
@@ -118,6 +113,21 @@ inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, a
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < kVectorLanes; ++j) s += lane_sum[j];
+  *m_out = m;
+  return s;
+}
+
+// Loss and gradient of one row in one pass over its exps, for callers that know the
+// row's gradient scale before the forward (mlp_sgd_step): the exp(x - m) summed for
+// lse are kept and normalized into the softmax, one exp per logit instead of the
+// two of row_logsumexp + row_grad. In place: x holds the V logits on entry and the
+// gradient on return. Returns the loss; *lse_out = lse.
+template <typename acc_t>
+inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, acc_t scale,
+                               acc_t* lse_out) {
+  const acc_t loss_without_lse = row_loss<acc_t, acc_t>(x, V, target, acc_t(0), eps);
+  acc_t m;
+  const acc_t s = row_exp_inplace<acc_t>(x, V, &m);
   const acc_t lse = m + std::log(s);
   const acc_t p_scale = scale / s, smooth = scale * eps / static_cast<acc_t>(V);
   const acc_t hit = scale * (acc_t(1) - eps);
@@ -130,6 +140,39 @@ inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, a
   }
   *lse_out = lse;
   return lse + loss_without_lse;
+}
+
+// The same for n rows that share these logits (one context seen n times in a batch)
+// and whose targets have the histogram counts[V] (n = sum_v counts[v]):
+//   loss = n lse - sum_v counts[v] x[v]                 (returned)
+//   x[v] <- scale (n softmax(x)[v] - counts[v])         (in place)
+// exactly the sum of the n single-row terms. No label smoothing (mlp_sgd_step's loss).
+template <typename acc_t>
+inline acc_t row_loss_and_grad_counts(acc_t* x, int64_t V, const acc_t* counts, acc_t n,
+                                      acc_t scale, acc_t* lse_out) {
+  acc_t lane_dot[kVectorLanes] = {};
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
+      if (v0 + j < V) lane_dot[j] += counts[v0 + j] * x[v0 + j];
+    }
+  }
+  acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < kVectorLanes; ++j) dot += lane_dot[j];
+  acc_t m;
+  const acc_t s = row_exp_inplace<acc_t>(x, V, &m);
+  const acc_t lse = m + std::log(s);
+  const acc_t p_scale = scale * n / s;
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kVectorLanes; ++j) {
+      const int64_t v = v0 + j;
+      if (v < V) x[v] = x[v] * p_scale - scale * counts[v];
+    }
+  }
+  *lse_out = lse;
+  return n * lse - dot;
 }
 
 }  // namespace charmlp

@@ -1522,8 +1522,9 @@ def render_markdown(res: dict, ablation: dict | None = None, plots: list[str] | 
     L += ["## Roofline: training step throughput", "",
           f"FLOPs of a training step = 6·B·H·(T·E+V) (the unfused algorithm's two GEMMs, forward and backward); "
           f"% = fraction of the SGEMM peak measured in this run ({res['sgemm_peak_gflops']:.1f} GFLOP/s). "
-          "charmlp's folded embedding does less arithmetic than this count, so its figure can exceed what its "
-          "own FLOPs would give.", ""]
+          "charmlp does less arithmetic than this count (the folded embedding; on CPU its training step also "
+          "runs once per distinct context of the batch, with the rows' target counts), so its figure can exceed "
+          "the peak: read it as effective throughput.", ""]
     L += roofline_table(res) + [""]
     dev = env["device"]
     how = ("`torch.profiler` (profile_memory) peak of live tensor bytes allocated through PyTorch's CPU allocator "

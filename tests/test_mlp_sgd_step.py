@@ -123,8 +123,9 @@ def test_non_contiguous_parameters_are_updated_in_place():
     assert_close(w2_store.T, ref_params[3], rtol=1e-4, atol=1e-5)
 
 
-def test_empty_batch_is_a_nan_loss_and_no_update():
-    params = _params(3, 27, 10, 20)
+@pytest.mark.parametrize("V", [27, 0], ids=["V27", "empty-vocab"])
+def test_empty_batch_is_a_nan_loss_and_no_update(V):
+    params = _params(3, V, 10, 20)
     before = [p.clone() for p in params]
     loss = ops.mlp_sgd_step(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long), *params, 0.1)
     assert torch.isnan(loss)  # the mean over no rows, as F.cross_entropy

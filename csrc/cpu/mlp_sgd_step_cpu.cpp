@@ -76,12 +76,13 @@ struct DistinctContexts {
 template <typename T>
 bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_t Tn,
                     int64_t V, DistinctContexts<T>& ctx) {
+  if (B == 0) return false;  // (and V >= 1 below: B > 0 rows passed the index check)
   int64_t keys = 1;
   for (int64_t j = 0; j < Tn; ++j) {
     if (keys > kMaxContextKeys / V) return false;
     keys *= V;
   }
-  if (B == 0 || keys > 128 * B) return false;
+  if (keys > 128 * B) return false;
   std::vector<int32_t> slot(static_cast<size_t>(keys), -1);
   std::vector<int32_t> row_context(static_cast<size_t>(B));
   std::vector<int64_t> first_row;

@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "cpu/context_grouping.h"
 #include "cpu/embed_algorithm.h"
 
 #ifndef CHARMLP_TORCH_VERSION
@@ -87,4 +88,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_embed_algorithm", &set_embed_algorithm,
         "Force the CPU embed_linear_tanh algorithm: 'auto' (cost model), 'direct' or 'folded'.");
   m.def("_get_embed_algorithm", &get_embed_algorithm);
+  m.def("_set_context_grouping", &charmlp::set_context_grouping,
+        "Switch the CPU mlp_sgd_step's grouping of rows by context on (default) or off.");
+  m.def("_get_context_grouping", &charmlp::get_context_grouping);
 }

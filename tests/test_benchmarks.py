@@ -147,3 +147,17 @@ def test_run_all_quick_writes_the_report(tmp_path):
     assert "ablation" in data and "output_layer" in data
     md = (out / "results.md").read_text()
     assert "torch threads" in md and "SGEMM peak" in md
+
+
+def test_context_grouping_benchmark_runs_and_is_exact(tmp_path):
+    # A batch of 2,000 rows drawn from 27 single-character contexts: grouped (27 distinct).
+    cmd = [sys.executable, str(BENCH / "bench_context_grouping.py"), "--sizes", "1:4:16:27:2000",
+           "--data", "random", "--rounds", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (result,) = json.loads((tmp_path / "context_grouping.json").read_text())
+    assert result["distinct"] == 27 and result["rows"] == 2000
+    assert result["grouped_vs_ungrouped"] < 1e-4
+    assert result["grouped_vs_float64"] <= 2 * result["seed_vs_float64"] + 1e-6
+    assert set(result["median_s"]) == {"seed eager", "charmlp, grouping on", "charmlp, grouping off"}
+    assert "| 2,000 | 27 |" in (tmp_path / "context_grouping.md").read_text()

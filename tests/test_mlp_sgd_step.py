@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charmlp import ops
+from charmlp import _C, ops
 from conftest import assert_close
 
 # (B, T, V, E, H)
@@ -67,9 +67,17 @@ REPEATED = [(3000, 2, 6, 3, 20, 36), (4000, 3, 5, 4, 33, 125), (2000, 1, 27, 10,
             (20000, 3, 27, 10, 200, 300)]
 
 
+@pytest.fixture(params=[True, False], ids=["grouped", "ungrouped"])
+def context_grouping(request):
+    """Runs a test with the CPU step's context grouping on and off (restored afterwards)."""
+    _C._set_context_grouping(request.param)
+    yield request.param
+    _C._set_context_grouping(True)
+
+
 @pytest.mark.parametrize("shape", REPEATED, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_repeated_contexts_match_reference(shape, dtype, embed_algorithm):
+def test_repeated_contexts_match_reference(shape, dtype, embed_algorithm, context_grouping):
     B, T, V, E, H, distinct = shape
     g = torch.Generator().manual_seed(B)
     pool = torch.randint(0, V, (distinct, T), generator=g)

@@ -43,10 +43,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <limits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/context_grouping.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/first_layer.h"
@@ -55,6 +57,13 @@
 #include "cpu/workspace.h"
 
 namespace charmlp {
+
+namespace {
+std::atomic<bool> g_context_grouping{true};
+}  // namespace
+
+void set_context_grouping(bool enabled) { g_context_grouping.store(enabled); }
+bool get_context_grouping() { return g_context_grouping.load(); }
 
 namespace {
 
@@ -76,7 +85,8 @@ struct DistinctContexts {
 template <typename T>
 bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_t Tn,
                     int64_t V, DistinctContexts<T>& ctx) {
-  if (B == 0) return false;  // (and V >= 1 below: B > 0 rows passed the index check)
+  // (B > 0 rows passed the index check, so V >= 1 below.)
+  if (B == 0 || !get_context_grouping()) return false;
   int64_t keys = 1;
   for (int64_t j = 0; j < Tn; ++j) {
     if (keys > kMaxContextKeys / V) return false;

@@ -148,8 +148,9 @@ class MLPLanguageModel(nn.Module):
         e, h = embed._parameters, head._parameters
         return e["table"], e["weight"], e["bias"], h["weight"], h["bias"]
 
-    def _fused_step_available(self, table: Tensor | None = None) -> bool:
-        p = self._step_parameters()[0] if table is None else table
+    @staticmethod
+    def _fused_step_available(p: Tensor) -> bool:
+        """Whether mlp_sgd_step has a kernel for parameters like p (its device and dtype)."""
         key = (p.device.type, p.dtype)
         if key not in _FUSED_STEP_KERNELS:
             # CPU: float32/float64; CUDA also takes bfloat16/float16 (float32 accumulation).

@@ -489,6 +489,18 @@ class _Data:
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+def _load_split(cfg: TrainConfig, log) -> tuple[Corpus, Vocab, Split]:
+    """cfg.data's corpus, its vocabulary and the train/dev/test split of its words."""
+    corpus = load_corpus(cfg.data, cfg.lowercase, warn=log)
+    log(f"corpus: {corpus.describe()}")
+    vocab = Vocab.from_words(corpus.words)
+    try:
+        split = split_words(corpus.words, cfg.split_seed, cfg.test_count, cfg.dev_count)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return corpus, vocab, split
+
+
 def _prepare_data(cfg: TrainConfig, ckpt: dict | None, log) -> _Data:
     if ckpt is not None:
         corpus_info = ckpt["corpus"]
@@ -497,14 +509,8 @@ def _prepare_data(cfg: TrainConfig, ckpt: dict | None, log) -> _Data:
         log(f"corpus: {corpus_info.get('path') or corpus_info.get('name')}: "
             f"{corpus_info.get('num_words', 0):,} words (from the checkpoint)")
     else:
-        corpus: Corpus = load_corpus(cfg.data, cfg.lowercase, warn=log)
+        corpus, vocab, split = _load_split(cfg, log)
         corpus_info = corpus.to_dict()
-        log(f"corpus: {corpus.describe()}")
-        vocab = Vocab.from_words(corpus.words)
-        try:
-            split = split_words(corpus.words, cfg.split_seed, cfg.test_count, cfg.dev_count)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
     tensors = {name: build_examples(words, vocab, cfg.block_size, source=name)
                for name, words in split.parts().items()}
     if tensors["train"][0].shape[0] == 0:
@@ -834,13 +840,7 @@ def lr_find(cfg: TrainConfig, lre_min: float = -3.0, lre_max: float = 0.0, num: 
         torch.set_num_threads(cfg.threads)
     _check_device(cfg)
     device = torch.device(cfg.device)
-    corpus = load_corpus(cfg.data, cfg.lowercase, warn=log)
-    log(f"corpus: {corpus.describe()}")
-    vocab = Vocab.from_words(corpus.words)
-    try:
-        split = split_words(corpus.words, cfg.split_seed, cfg.test_count, cfg.dev_count)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    _, vocab, split = _load_split(cfg, log)
     X, Y = (t.to(device) for t in build_examples(split.train, vocab, cfg.block_size))
     model = _build_model(cfg, vocab.size, device)
     gen = torch.Generator().manual_seed(batch_seed(cfg.seed, 0))

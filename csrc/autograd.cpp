@@ -14,6 +14,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace charmlp {
 namespace {
@@ -127,6 +128,39 @@ struct LinearCrossEntropyFunction
   }
 };
 
+// mlp_cross_entropy: the forward computes the loss and all five parameter gradients
+// in one pass (mlp_cross_entropy_and_grads) and saves the gradients; the backward
+// scales them by grad_loss. The saved gradients are parameter-sized, smaller than
+// the [B, H] activations a two-pass backward would keep, and the backward is a
+// single multiply. They are constants to autograd, so a double backward
+// (create_graph=True) would silently miss the second-order terms: it raises.
+struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntropyFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& idx, const at::Tensor& target,
+                            const at::Tensor& table, const at::Tensor& weight1,
+                            const at::Tensor& bias1, const at::Tensor& weight2,
+                            const at::Tensor& bias2) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+    static auto op = op_handle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&)>("charmlp::mlp_cross_entropy_and_grads");
+    auto [loss, g_table, g_w1, g_b1, g_w2, g_b2] =
+        op.call(idx, target, table, weight1, bias1, weight2, bias2);
+    ctx->save_for_backward({g_table, g_w1, g_b1, g_w2, g_b2});
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "charmlp: mlp_cross_entropy computes its gradients in the forward and does not "
+                "support double backward (create_graph=True); use ops.embed_linear_tanh and "
+                "ops.linear_cross_entropy, or plain PyTorch, for higher-order gradients");
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<at::Tensor> scaled = at::_foreach_mul(saved, grads[0]);
+    return {at::Tensor(), at::Tensor(), scaled[0], scaled[1], scaled[2], scaled[3], scaled[4]};
+  }
+};
+
 at::Tensor embed_linear_tanh_autograd(const at::Tensor& idx, const at::Tensor& table,
                                       const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias) {
@@ -149,9 +183,30 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
   return {out[0], out[1]};
 }
 
+// Without a gradient to compute (no_grad, or no parameter requiring grad) the
+// loss-only kernel runs: no gradient work, nothing saved.
+at::Tensor mlp_cross_entropy_autograd(const at::Tensor& idx, const at::Tensor& target,
+                                      const at::Tensor& table, const at::Tensor& weight1,
+                                      const at::Tensor& bias1, const at::Tensor& weight2,
+                                      const at::Tensor& bias2) {
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (table.requires_grad() || weight1.requires_grad() ||
+                                     bias1.requires_grad() || weight2.requires_grad() ||
+                                     bias2.requires_grad());
+  if (needs_grad) {
+    return MlpCrossEntropyFunction::apply(idx, target, table, weight1, bias1, weight2, bias2);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&)>("charmlp::mlp_cross_entropy");
+  return op.call(idx, target, table, weight1, bias1, weight2, bias2);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
+  m.impl("mlp_cross_entropy", &mlp_cross_entropy_autograd);
   m.impl("embed_linear_tanh", &embed_linear_tanh_autograd);
   m.impl("cross_entropy", &cross_entropy_autograd);
   m.impl("linear_cross_entropy", &linear_cross_entropy_autograd);

@@ -171,11 +171,12 @@ inline void check_linear_cross_entropy_args(const at::Tensor& input, const at::T
                     "charmlp: weight has no rows (V = 0), so no target can be valid");
 }
 
-// idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H], weight2 [V, H], bias2 [V].
-inline void check_mlp_sgd_step_args(const at::Tensor& idx, const at::Tensor& target,
-                                    const at::Tensor& table, const at::Tensor& weight1,
-                                    const at::Tensor& bias1, const at::Tensor& weight2,
-                                    const at::Tensor& bias2, double lr) {
+// The whole-model ops: idx [B, T], target [B], table [V, E], weight1 [H, T*E],
+// bias1 [H], weight2 [V, H], bias2 [V].
+inline void check_mlp_args(const at::Tensor& idx, const at::Tensor& target,
+                           const at::Tensor& table, const at::Tensor& weight1,
+                           const at::Tensor& bias1, const at::Tensor& weight2,
+                           const at::Tensor& bias2) {
   check_embed_linear_tanh_args(idx, table, weight1, bias1);
   check_dim(weight2, 2, "weight2", "[V, H]");
   const int64_t V = table.size(0), H = weight1.size(0);
@@ -195,6 +196,13 @@ inline void check_mlp_sgd_step_args(const at::Tensor& idx, const at::Tensor& tar
   TORCH_CHECK_VALUE(target.size(0) == idx.size(0), "charmlp: target must have shape [B] = [",
                     idx.size(0), "] to match idx ", shape_str(idx), ", got ", shape_str(target));
   check_same_device(table, "table", target, "target");
+}
+
+inline void check_mlp_sgd_step_args(const at::Tensor& idx, const at::Tensor& target,
+                                    const at::Tensor& table, const at::Tensor& weight1,
+                                    const at::Tensor& bias1, const at::Tensor& weight2,
+                                    const at::Tensor& bias2, double lr) {
+  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
   TORCH_CHECK_VALUE(std::isfinite(lr), "charmlp: lr must be finite, got ", lr);
 }
 

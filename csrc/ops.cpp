@@ -45,6 +45,21 @@ TORCH_LIBRARY(charmlp, m) {
       "Tensor? bias, Tensor target, Tensor lse, int reduction, int ignore_index, "
       "float label_smoothing) -> (Tensor, Tensor, Tensor)");
 
+  // The whole model's mean cross-entropy (rows with target -100 ignored), fused:
+  // idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H],
+  // weight2 [V, H], bias2 [V] -> loss [] (the parameters' dtype).
+  // Differentiable: its autograd forward calls mlp_cross_entropy_and_grads.
+  m.def(
+      "mlp_cross_entropy(Tensor idx, Tensor target, Tensor table, Tensor weight1, "
+      "Tensor bias1, Tensor weight2, Tensor bias2) -> Tensor");
+  // The same loss and its gradients with respect to the five parameters, in one pass.
+  // -> loss [], grad_table [V, E], grad_weight1 [H, T*E], grad_bias1 [H],
+  //    grad_weight2 [V, H], grad_bias2 [V]
+  m.def(
+      "mlp_cross_entropy_and_grads(Tensor idx, Tensor target, Tensor table, Tensor weight1, "
+      "Tensor bias1, Tensor weight2, Tensor bias2) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+
   // One plain-SGD training step of the whole model (mean cross-entropy), fused:
   // forward, backward and p -= lr * grad for all five parameters in place.
   // idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H],

@@ -97,6 +97,23 @@ inline void output_loss_and_dlogits_counts(int64_t n, int64_t V, T* logits, cons
   }
 }
 
+// Loss only, for deduplicated rows (mlp_cross_entropy without gradients): row r
+// stands for rows[r] rows with these logits and the target histogram counts [n, V];
+// loss[r] = rows[r] lse - sum_v counts[v] x[v], their summed loss.
+template <typename T>
+inline void output_loss_counts(int64_t n, int64_t V, const T* logits, const T* counts,
+                               const T* rows, T* loss) {
+  const int64_t Vp = padded_cols<T>(V);
+  for (int64_t r = 0; r < n; ++r) {
+    const T* x = logits + r * Vp;
+    const T* c = counts + r * V;
+    T dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t v = 0; v < V; ++v) dot += c[v] * x[v];
+    loss[r] = rows[r] == T(0) ? T(0) : rows[r] * row_logsumexp<T, T>(x, V) - dot;
+  }
+}
+
 // dW [V, H] += dlogits^T @ h, db [V] += colsum(dlogits), dh [n, H] = dlogits @ W.
 // dlogits has leading dimension padded_cols<T>(V).
 template <typename T>

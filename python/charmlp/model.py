@@ -21,10 +21,26 @@ __all__ = ["MLPLanguageModel", "NOTEBOOK_SEED"]
 #: The generator seed of the lecture notebook's parameter draws.
 NOTEBOOK_SEED = 2147483647
 
-# sgd_step is called every training step: skip the Python wrapper and cache which
-# (device type, dtype) pairs have a fused kernel.
+# The whole-model ops run every training step: skip the Python wrappers and cache
+# which (device type, dtype) pairs have kernels.
 _mlp_sgd_step = torch.ops.charmlp.mlp_sgd_step.default
-_FUSED_STEP_KERNELS: dict = {}
+_mlp_cross_entropy = torch.ops.charmlp.mlp_cross_entropy.default
+_WHOLE_MODEL_KERNELS: dict = {}
+
+
+# A constant for torch.compile: the dispatcher query is not traceable, and its answer
+# cannot change within a process.
+@torch.compiler.assume_constant_result
+def _whole_model_kernels(device_type: str, dtype: torch.dtype) -> bool:
+    key = (device_type, dtype)
+    if key not in _WHOLE_MODEL_KERNELS:
+        # CPU: float32/float64; CUDA also takes bfloat16/float16 (float32 accumulation).
+        dtype_ok = dtype in (torch.float32, torch.float64) or device_type == "cuda"
+        _WHOLE_MODEL_KERNELS[key] = dtype_ok and all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", device_type.upper())
+            for op in ("mlp_cross_entropy", "mlp_sgd_step")
+        )
+    return _WHOLE_MODEL_KERNELS[key]
 
 
 class MLPLanguageModel(nn.Module):
@@ -123,13 +139,21 @@ class MLPLanguageModel(nn.Module):
     ) -> tuple[Tensor | None, Tensor | None]:
         """Returns ``(logits [B, V], loss)``; ``loss`` is the mean cross-entropy, None without targets.
 
-        With targets and ``return_logits=False`` the fused path computes the loss with
-        ``linear_cross_entropy``, which never materializes the logits (returned as None):
-        the training loop's form.
+        With targets and ``return_logits=False`` (the training loop's form) the fused path
+        computes the loss without materializing any activation (logits are returned as
+        None): the whole model as one ``mlp_cross_entropy`` op where it has a kernel
+        (CPU float32/float64, CUDA), whose forward also computes the parameter gradients
+        when they are needed, so ``loss.backward()`` costs almost nothing; otherwise
+        ``embed_linear_tanh`` then ``linear_cross_entropy``.
         """
-        h = self.hidden_states(idx)
         if targets is not None and self.fused and not return_logits:
+            params = self._step_parameters()
+            if self._whole_model_kernel_available(params[0]):
+                self._check_idx(idx)
+                return None, _mlp_cross_entropy(idx, targets, *params)
+            h = self.hidden_states(idx)
             return None, ops.linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
+        h = self.hidden_states(idx)
         logits = F.linear(h, self.head.weight, self.head.bias)
         if targets is None:
             return logits, None
@@ -149,16 +173,10 @@ class MLPLanguageModel(nn.Module):
         return e["table"], e["weight"], e["bias"], h["weight"], h["bias"]
 
     @staticmethod
-    def _fused_step_available(p: Tensor) -> bool:
-        """Whether mlp_sgd_step has a kernel for parameters like p (its device and dtype)."""
-        key = (p.device.type, p.dtype)
-        if key not in _FUSED_STEP_KERNELS:
-            # CPU: float32/float64; CUDA also takes bfloat16/float16 (float32 accumulation).
-            dtype_ok = p.dtype in (torch.float32, torch.float64) or p.device.type == "cuda"
-            _FUSED_STEP_KERNELS[key] = dtype_ok and torch._C._dispatch_has_kernel_for_dispatch_key(
-                "charmlp::mlp_sgd_step", p.device.type.upper()
-            )
-        return _FUSED_STEP_KERNELS[key]
+    def _whole_model_kernel_available(p: Tensor) -> bool:
+        """Whether the whole-model ops (mlp_cross_entropy, mlp_sgd_step) have a kernel for
+        parameters like p (its device and dtype)."""
+        return _whole_model_kernels(p.device.type, p.dtype)
 
     def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One plain-SGD step on every parameter (``p -= lr * dloss/dp``); returns the loss.
@@ -168,7 +186,7 @@ class MLPLanguageModel(nn.Module):
         otherwise autograd through the model's ops, then one foreach update.
         """
         params = self._step_parameters()
-        if self.fused and self._fused_step_available(params[0]):
+        if self.fused and self._whole_model_kernel_available(params[0]):
             self._check_idx(idx)
             # The op mutates the parameters in place: autograd must not record it. The raw
             # switch is what torch.no_grad() does, without the context manager's ~1.5 us.

@@ -22,6 +22,7 @@ __all__ = [
     "embed_linear_tanh",
     "cross_entropy",
     "linear_cross_entropy",
+    "mlp_cross_entropy",
     "mlp_sgd_step",
     "reduction_code",
 ]
@@ -185,6 +186,60 @@ def _linear_cross_entropy_backward_fake(
     grad_loss, input, weight, bias, target, lse, reduction, ignore_index, label_smoothing
 ):
     return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+
+# --------------------------------------------------------------------------------------
+# mlp_cross_entropy
+# --------------------------------------------------------------------------------------
+
+
+def mlp_cross_entropy(
+    idx: Tensor,
+    target: Tensor,
+    table: Tensor,
+    weight1: Tensor,
+    bias1: Tensor,
+    weight2: Tensor,
+    bias2: Tensor,
+) -> Tensor:
+    """The whole model's mean cross-entropy as one differentiable op.
+
+    ``F.cross_entropy(F.linear(tanh(F.linear(table[idx].flatten(1), weight1, bias1)),
+    weight2, bias2), target)``, rows with target -100 ignored. Shapes: idx ``[B, T]``,
+    target ``[B]``, table ``[V, E]``, weight1 ``[H, T*E]``, bias1 ``[H]``, weight2
+    ``[V, H]``, bias2 ``[V]``; returns a scalar in the parameters' dtype.
+
+    When a parameter requires grad, the forward computes the five parameter gradients
+    in the same pass and saves them (they are smaller than the activations); the
+    backward only scales them by the incoming gradient. So ``loss.backward()`` is
+    nearly free, any optimizer can consume the ``.grad``s, and a double backward
+    (``create_graph=True``) raises. Without grad (``torch.no_grad()``, evaluation) it
+    computes the loss only. On CPU the batch runs once per distinct context.
+    """
+    return torch.ops.charmlp.mlp_cross_entropy.default(idx, target, table, weight1, bias1, weight2, bias2)
+
+
+def _check_mlp_fake(idx, target, table, weight1, bias1, weight2, bias2):
+    _check_same_device(
+        table, "table", idx=idx, target=target, weight1=weight1, bias1=bias1, weight2=weight2, bias2=bias2
+    )
+    torch._check(idx.dim() == 2, lambda: f"charmlp: idx must be 2-D [B, T], got {tuple(idx.shape)}")
+    torch._check(
+        target.dim() == 1 and target.shape[0] == idx.shape[0],
+        lambda: f"charmlp: target must have shape [B], got {tuple(target.shape)}",
+    )
+
+
+@torch.library.register_fake("charmlp::mlp_cross_entropy")
+def _mlp_cross_entropy_fake(idx, target, table, weight1, bias1, weight2, bias2):
+    _check_mlp_fake(idx, target, table, weight1, bias1, weight2, bias2)
+    return table.new_empty(())
+
+
+@torch.library.register_fake("charmlp::mlp_cross_entropy_and_grads")
+def _mlp_cross_entropy_and_grads_fake(idx, target, table, weight1, bias1, weight2, bias2):
+    _check_mlp_fake(idx, target, table, weight1, bias1, weight2, bias2)
+    return (table.new_empty(()),) + tuple(p.new_empty(p.shape) for p in (table, weight1, bias1, weight2, bias2))
 
 
 # --------------------------------------------------------------------------------------

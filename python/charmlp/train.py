@@ -242,7 +242,7 @@ def evaluate(model: MLPLanguageModel, X: torch.Tensor, Y: torch.Tensor,
         return None
     total = 0.0
     for i in range(0, n, batch_size):
-        _, loss = model(X[i:i + batch_size], Y[i:i + batch_size])
+        _, loss = model(X[i:i + batch_size], Y[i:i + batch_size], return_logits=False)
         total += float(loss.double()) * min(batch_size, n - i)
     return total / n
 
@@ -679,7 +679,7 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
     def autograd_step(xb, yb, lr):
         for group in opt.param_groups:
             group["lr"] = lr
-        _, loss = net(xb, yb)
+        _, loss = net(xb, yb, return_logits=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

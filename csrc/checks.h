@@ -99,6 +99,13 @@ inline void check_reduction(int64_t reduction) {
                     "charmlp: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
+// Ops that return the gradients of a scalar loss need reduction mean or sum.
+inline void check_scalar_loss_reduction(int64_t reduction, const char* op) {
+  TORCH_CHECK_VALUE(reduction == 1 || reduction == 2, "charmlp: ", op,
+                    " returns the gradients of a scalar loss: reduction must be 1 (mean) or 2 "
+                    "(sum), got ", reduction);
+}
+
 // target [B] next to a [B, *] float tensor `ref`, plus the loss options.
 inline void check_target_and_loss_options(const at::Tensor& target, const at::Tensor& ref,
                                           const char* ref_name, int64_t reduction,

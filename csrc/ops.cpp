@@ -45,6 +45,14 @@ TORCH_LIBRARY(charmlp, m) {
       "Tensor? bias, Tensor target, Tensor lse, int reduction, int ignore_index, "
       "float label_smoothing) -> (Tensor, Tensor, Tensor)");
 
+  // The same loss (reduction mean or sum) and its gradients in one pass: what the
+  // autograd forward calls when a gradient is needed (its backward then only scales).
+  // -> loss [], lse [B], grad_input [B, H], grad_weight [V, H], grad_bias [V]
+  m.def(
+      "linear_cross_entropy_and_grads(Tensor input, Tensor weight, Tensor? bias, Tensor target, "
+      "int reduction, int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
+
   // The whole model's mean cross-entropy (rows with target -100 ignored), fused:
   // idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H],
   // weight2 [V, H], bias2 [V] -> loss [] (the parameters' dtype).

@@ -76,7 +76,7 @@ ops = [
     "embed_linear_tanh", "embed_linear_tanh_backward",
     "cross_entropy", "cross_entropy_backward",
     "linear_cross_entropy", "linear_cross_entropy_backward",
-    "mlp_cross_entropy", "mlp_cross_entropy_and_grads", "mlp_sgd_step",
+    "linear_cross_entropy_and_grads", "mlp_cross_entropy", "mlp_cross_entropy_and_grads", "mlp_sgd_step",
 ]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA")]

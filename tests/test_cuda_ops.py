@@ -39,6 +39,7 @@ OPS = [
     "cross_entropy_backward",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
+    "linear_cross_entropy_and_grads",
     "mlp_cross_entropy",
     "mlp_cross_entropy_and_grads",
     "mlp_sgd_step",
@@ -603,6 +604,8 @@ def _opcheck_cases():
          (torch.ones((), device=DEV), h.detach(), w2.detach(), b2.detach(), target, lse2, 1, -100, 0.1)),
         (P.mlp_sgd_step.default,
          (idx, target, table.detach().clone(), w1.detach().clone(), b1.detach().clone(), r(9, 5), r(9), 0.1)),
+        (P.linear_cross_entropy_and_grads.default, (h.detach(), w2.detach(), b2.detach(), target, 1, -100, 0.1)),
+        (P.linear_cross_entropy_and_grads.default, (h.detach(), w40.detach(), None, target, 2, -100, 0.0)),
         (P.mlp_cross_entropy.default,
          (idx, target, table.detach().clone().requires_grad_(), w1.detach().clone().requires_grad_(),
           b1.detach().clone().requires_grad_(), r(9, 5).requires_grad_(), r(9).requires_grad_())),
@@ -614,7 +617,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

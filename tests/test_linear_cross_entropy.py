@@ -150,3 +150,78 @@ def test_bad_arguments_name_the_argument():
     t[2] = 6
     with pytest.raises(IndexError, match=r"target contains 6 .*\[0, 6\)"):
         ops.linear_cross_entropy(x, w, b, t)
+
+
+# The autograd path of a scalar loss: linear_cross_entropy_and_grads computes the gradients
+# in the forward, the backward scales them (the tests above, whose grad_loss is not 1, run it).
+
+@pytest.mark.parametrize("reduction", [1, 2], ids=["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_and_grads_op_matches_reference_and_the_two_pass_backward(reduction, bias, label_smoothing):
+    x, w, b, t = _inputs(300, 40, 27, bias=bias)
+    P = torch.ops.charmlp
+    loss, lse, *grads = P.linear_cross_entropy_and_grads(x.detach(), w.detach(), b.detach() if bias else None,
+                                                         t, reduction, -100, label_smoothing)
+    red = {1: "mean", 2: "sum"}[reduction]
+    ref = reference(x, w, b, t, reduction=red, label_smoothing=label_smoothing)
+    params = [p for p in (x, w, b) if p is not None]
+    ref_grads = torch.autograd.grad(ref, params)
+    assert_close(loss, ref)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # The recompute backward (reduction 'none' uses it; so does the CUDA training step)
+    # gives the same gradients from the forward's lse.
+    _, lse2 = P.linear_cross_entropy(x.detach(), w.detach(), b.detach() if bias else None, t, reduction, -100,
+                                     label_smoothing)
+    torch.testing.assert_close(lse, lse2)
+    two_pass = P.linear_cross_entropy_backward(torch.ones(()), x.detach(), w.detach(), b.detach() if bias else None,
+                                               t, lse2, reduction, -100, label_smoothing)
+    for got, want in zip(grads, two_pass):
+        assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_and_grads_needs_a_scalar_loss():
+    x, w, b, t = _inputs(10, 8, 6)
+    with pytest.raises(ValueError, match=r"reduction must be 1 \(mean\) or 2 \(sum\), got 0"):
+        torch.ops.charmlp.linear_cross_entropy_and_grads(x.detach(), w.detach(), b.detach(), t, 0, -100, 0.0)
+
+
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_and_grads_opcheck(reduction):
+    x, w, b, t = _inputs(20, 12, 27)
+    op = torch.ops.charmlp.linear_cross_entropy_and_grads.default
+    torch.library.opcheck(op, (x.detach(), w.detach(), b.detach(), t, reduction, -100, 0.1))
+    torch.library.opcheck(op, (x.detach(), w.detach(), None, t, reduction, -100, 0.0))
+
+
+def test_scalar_loss_double_backward_raises_and_no_grad_records_nothing():
+    x, w, b, t = _inputs(10, 8, 6)
+    loss = ops.linear_cross_entropy(x, w, b, t)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, (x, w, b), create_graph=True)
+    with torch.no_grad():
+        assert ops.linear_cross_entropy(x, w, b, t).grad_fn is None
+
+
+def test_only_inputs_that_require_grad_get_one():
+    x, w, b, t = _inputs(30, 8, 6)
+    x = x.detach()  # a frozen feature extractor
+    loss = ops.linear_cross_entropy(x, w, b, t)
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    rw, rb = torch.autograd.grad(reference(x, w, b, t), (w, b))
+    assert_close(gw, rw, rtol=1e-4, atol=1e-5)
+    assert_close(gb, rb, rtol=1e-4, atol=1e-5)
+
+
+def test_retained_graph_backward_twice_after_in_place_grad_changes():
+    x, w, b, t = _inputs(64, 16, 27)
+    loss = ops.linear_cross_entropy(x, w, b, t)
+    loss.backward(retain_graph=True)
+    want = torch.autograd.grad(reference(x, w, b, t), (x, w, b))
+    for p, g in zip((x, w, b), want):
+        assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+        p.grad.zero_()
+    loss.backward()
+    for p, g in zip((x, w, b), want):
+        assert_close(p.grad, g, rtol=1e-4, atol=1e-5)

@@ -120,6 +120,22 @@ def test_backward_scales_by_the_incoming_gradient():
         assert_close(p.grad, 2.5 * w)
 
 
+def test_retained_graph_backward_twice_after_in_place_grad_changes():
+    """loss.backward() (a seed of 1) hands the saved gradients to autograd as they are:
+    a retained graph must still give the right gradients after .grad was changed in place."""
+    idx, target = _batch(40, 3, 27, seed=18)
+    params = _params(3, 27, 10, 30)
+    loss = ops.mlp_cross_entropy(idx, target, *params)
+    loss.backward(retain_graph=True)
+    _, want = reference_loss_and_grads(idx, target, params)
+    for p, w in zip(params, want):
+        assert_close(p.grad, w)
+        p.grad.zero_()  # optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    for p, w in zip(params, want):
+        assert_close(p.grad, w)
+
+
 def test_only_parameters_that_require_grad_get_one():
     idx, target = _batch(40, 3, 27, seed=5)
     params = _params(3, 27, 10, 30)

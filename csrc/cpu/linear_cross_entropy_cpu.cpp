@@ -8,9 +8,16 @@
 // The weight gradients are accumulated per thread and summed in thread order
 // (deterministic); grad_input rows are disjoint per thread.
 //
-// Speed limit: three GEMMs of 2*B*H*V flops (logits twice, dW, grad_input
-// counts four with the recompute) through small_gemm.h; the row softmax is
-// a few percent at V = 27.
+// Gradients in the forward (linear_cross_entropy_and_grads, mean/sum reductions):
+// the gradient scale of every row is known before the forward (1/count or 1), so
+// one pass does logits, lse, the loss and dlogits (one exp per logit), then the
+// backward GEMMs: three GEMMs instead of four, no recompute. Autograd
+// (csrc/autograd.cpp) uses it whenever a gradient is needed and the loss is a
+// scalar; reduction 'none' keeps the recompute backward (its scales come later).
+//
+// Speed limit: GEMMs of 2*B*H*V flops through small_gemm.h (logits, dW,
+// grad_input; a fourth, the recompute, in the two-pass backward); the row
+// softmax is a few percent at V = 27.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +25,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu/cross_entropy_cpu.h"
@@ -61,9 +69,13 @@ void forward_impl(const Inputs& in, int64_t ignore_index, T eps, T* lse, T* loss
   });
 }
 
-template <typename T>
-void backward_impl(const Inputs& in, const T* lse, const T* scale, int64_t ignore_index, T eps,
-                   T* grad_input, T* grad_weight, T* grad_bias) {
+// grad_input, grad_weight, grad_bias from per-row gradient scales. kWithForward:
+// the chunk's lse and row losses are computed in the same exp pass (written to lse
+// and loss); otherwise lse is the forward's (read) and loss is unused.
+template <typename T, bool kWithForward>
+void gradient_impl(const Inputs& in, std::conditional_t<kWithForward, T*, const T*> lse, T* loss,
+                   const T* scale, int64_t ignore_index, T eps, T* grad_input, T* grad_weight,
+                   T* grad_bias) {
   const int64_t B = in.input.size(0), H = in.input.size(1), V = in.weight.size(0);
   const T* x = in.input.const_data_ptr<T>();
   const T* W = in.weight.const_data_ptr<T>();
@@ -79,7 +91,12 @@ void backward_impl(const Inputs& in, const T* lse, const T* scale, int64_t ignor
     for (int64_t c0 = b0; c0 < b1; c0 += kOutputChunkRows) {
       const int64_t n = std::min(kOutputChunkRows, b1 - c0);
       output_logits<T>(n, H, V, x + c0 * H, Wt.data(), b, logits);
-      output_dlogits<T>(n, V, logits, tgt + c0, ignore_index, eps, lse + c0, scale + c0);
+      if constexpr (kWithForward) {
+        output_loss_and_dlogits<T>(n, V, logits, tgt + c0, ignore_index, eps, scale + c0,
+                                   lse + c0, loss + c0);
+      } else {
+        output_dlogits<T>(n, V, logits, tgt + c0, ignore_index, eps, lse + c0, scale + c0);
+      }
       output_backward<T>(n, H, V, logits, x + c0 * H, W, dW, db, grad_input + c0 * H);
     }
   });
@@ -124,19 +141,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   at::Tensor grad_weight = at::empty({V, H}, in.input.options());
   at::Tensor grad_bias = at::empty({V}, in.input.options());
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
-    backward_impl<scalar_t>(in, lse_c.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-                            ignore_index, static_cast<scalar_t>(label_smoothing),
-                            grad_input.mutable_data_ptr<scalar_t>(),
-                            grad_weight.mutable_data_ptr<scalar_t>(),
-                            grad_bias.mutable_data_ptr<scalar_t>());
+    gradient_impl<scalar_t, false>(
+        in, lse_c.const_data_ptr<scalar_t>(), nullptr,
+        scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+        grad_input.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
+        grad_bias.mutable_data_ptr<scalar_t>());
   });
   const auto dtype = input.scalar_type();
   return {grad_input.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                   int64_t reduction, int64_t ignore_index,
+                                   double label_smoothing) {
+  check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
+  check_scalar_loss_reduction(reduction, "linear_cross_entropy_and_grads");
+  const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const Inputs in = prepare(input, weight, bias, target, ignore_index);
+  // d(loss)/d(row loss): the backward's scales for a grad_loss of 1.
+  const at::Tensor scale =
+      row_grad_scales(at::ones({}, in.input.options()), in.target, reduction, ignore_index, acc);
+  at::Tensor lse = at::empty({B}, in.input.options());
+  at::Tensor row_loss = at::empty({B}, in.input.options());
+  at::Tensor grad_input = at::empty({B, H}, in.input.options());
+  at::Tensor grad_weight = at::empty({V, H}, in.input.options());
+  at::Tensor grad_bias = at::empty({V}, in.input.options());
+  AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_and_grads_cpu", [&] {
+    gradient_impl<scalar_t, true>(
+        in, lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>(),
+        scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+        grad_input.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
+        grad_bias.mutable_data_ptr<scalar_t>());
+  });
+  const int64_t count =
+      reduction == at::Reduction::Mean ? count_targets_cpu(in.target, ignore_index) : 0;
+  const auto dtype = input.scalar_type();
+  return {reduce_row_losses(row_loss, reduction, count, dtype), lse, grad_input.to(dtype),
+          grad_weight.to(dtype), grad_bias.to(dtype)};
+}
+
 TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
   m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
   m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+  m.impl("linear_cross_entropy_and_grads", &linear_cross_entropy_and_grads_cpu);
 }
 
 }  // namespace charmlp

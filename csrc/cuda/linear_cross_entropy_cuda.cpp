@@ -141,11 +141,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
   return grads;
 }
 
+// The forward and backward kernels back to back (grad_loss of 1): the CPU kernel's
+// single pass is not replicated here, but the op is, so autograd takes the same
+// path on both devices.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_cross_entropy_and_grads_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& target, int64_t reduction,
+                                    int64_t ignore_index, double label_smoothing) {
+  check_scalar_loss_reduction(reduction, "linear_cross_entropy_and_grads");
+  auto [loss, lse] = linear_cross_entropy_launch(input, weight, bias, target, reduction,
+                                                 ignore_index, label_smoothing);
+  auto [grad_input, grad_weight, grad_bias] = linear_cross_entropy_backward_launch(
+      at::Tensor(), input, weight, bias, target, lse, reduction, ignore_index, label_smoothing);
+  const c10::cuda::CUDAGuard guard(input.device());
+  check_index_errors();
+  return {loss, lse, grad_input, grad_weight, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
   m.impl("linear_cross_entropy", &linear_cross_entropy_cuda);
   m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cuda);
+  m.impl("linear_cross_entropy_and_grads", &linear_cross_entropy_and_grads_cuda);
 }
 
 }  // namespace cuda

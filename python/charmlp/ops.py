@@ -159,8 +159,11 @@ def linear_cross_entropy(
         bias: ``[V]`` or None.
         target: int64 (or int32) ``[B]`` class indices in ``[0, V)`` or ``ignore_index``.
 
-    The forward keeps only the per-row log-sum-exp; the backward recomputes each chunk
-    of logits from ``input`` and returns the gradients of input, weight and bias.
+    Logits are never stored. With ``'mean'`` or ``'sum'`` and a gradient to compute, the
+    forward computes the gradients of input, weight and bias in the same pass (one GEMM
+    fewer than a backward that recomputes the logits) and the backward only scales them;
+    a double backward (``create_graph=True``) then raises. With ``'none'`` the forward keeps
+    the per-row log-sum-exp and the backward recomputes each chunk of logits.
     """
     loss, _lse = torch.ops.charmlp.linear_cross_entropy.default(
         input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
@@ -186,6 +189,17 @@ def _linear_cross_entropy_backward_fake(
     grad_loss, input, weight, bias, target, lse, reduction, ignore_index, label_smoothing
 ):
     return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
+
+
+@torch.library.register_fake("charmlp::linear_cross_entropy_and_grads")
+def _linear_cross_entropy_and_grads_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing):
+    torch._check(
+        reduction in (1, 2),
+        lambda: f"charmlp: linear_cross_entropy_and_grads returns the gradients of a scalar loss: "
+        f"reduction must be 1 (mean) or 2 (sum), got {reduction}",
+    )
+    loss, lse = _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing)
+    return loss, lse, input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
 # --------------------------------------------------------------------------------------

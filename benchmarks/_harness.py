@@ -50,7 +50,7 @@ REPO = HERE.parent
 
 MEASUREMENTS = ("forward", "backward", "fwd_bwd", "step")
 MEASUREMENT_LABELS = {
-    "forward": "forward (loss)",
+    "forward": "forward (loss, under no_grad)",
     "backward": "backward",
     "fwd_bwd": "forward + backward",
     "step": "training step",
@@ -514,10 +514,10 @@ class CharmlpArm(Arm):
     label = "charmlp"
     description = (
         "`charmlp.MLPLanguageModel(fused=True)`: forward `_, loss = m(idx, targets, return_logits=False)` (the "
-        "training loop's form: the whole model as one `mlp_cross_entropy` op whose forward also computes the "
-        "five parameter gradients, so this forward includes the backward's arithmetic and the backward only "
-        "scales and accumulates them: compare forward + backward), backward `loss.backward()` (charmlp's "
-        "registered autograd), step `m.sgd_step(idx, targets, lr)`."
+        "training loop's form: the whole model as one `mlp_cross_entropy` op; under grad its forward also computes "
+        "the five parameter gradients, so the backward column is only their hand-over to `.grad`: compare "
+        "forward + backward), backward `loss.backward()` (charmlp's registered autograd), step "
+        "`m.sgd_step(idx, targets, lr)`."
     )
 
     def available(self, device):
@@ -724,13 +724,17 @@ def _run_measurement(arm: Arm, what: str, idx: Tensor, y: Tensor, timer: Timer, 
     needs) happens outside the timed region; a backward is always timed alone (inner=1),
     and in a forward+backward block the gradient zeroing between calls is timed too."""
     if what == "forward":
+        # The loss alone, as in evaluation: under no_grad no arm records a graph, and
+        # charmlp's forward does not compute the gradients it would otherwise (see
+        # ops.mlp_cross_entropy); the training cost is forward + backward.
         arm.zero_grad()
         out = []
 
         def run():
-            for _ in range(inner):
-                out.append(arm.forward(idx, y))
-                out.clear()
+            with torch.no_grad():
+                for _ in range(inner):
+                    out.append(arm.forward(idx, y))
+                    out.clear()
 
         return timer(run) / inner
     if what == "backward":
@@ -1579,8 +1583,9 @@ def render_markdown(res: dict, ablation: dict | None = None, plots: list[str] | 
         L += ["## Output layer alone: F.linear + F.cross_entropy vs charmlp", "",
               "Op-level (bench_output_layer.py): `torch` = F.cross_entropy(F.linear(h, W2, b2), y); `charmlp-ce` = "
               "charmlp.ops.cross_entropy after F.linear; `charmlp-lce` = charmlp.ops.linear_cross_entropy (logits never "
-              "stored). h = the model's hidden states for the batch. Median time (speedup vs torch); peak memory of "
-              "forward + backward (gradients of h, W2, b2).", ""]
+              "stored). h = the model's hidden states for the batch. Median time (speedup vs torch); fwd = the loss "
+              "under torch.no_grad() (with grad enabled charmlp-lce's forward also computes the gradients: the "
+              "training cost is fwd+bwd); peak memory of forward + backward (gradients of h, W2, b2).", ""]
         L += res["output_layer_table"] + [""]
     if ablation:
         L += ["## Ablation: charmlp's CPU embedding algorithm", "",

@@ -6,8 +6,8 @@
 Op-level arms on the same hidden states h [B, H], weight [V, H], bias [V], targets [B]:
 ``torch`` = F.cross_entropy(F.linear(h, W, b), y); ``charmlp-ce`` = charmlp.ops.cross_entropy
 after F.linear; ``charmlp-lce`` = charmlp.ops.linear_cross_entropy(h, W, b, y) (logits never
-stored). Each is gated (loss and the gradients of h, W, b against float64), then forward and
-forward+backward are timed interleaved; the peak memory of forward+backward is measured like
+stored). Each is gated (loss and the gradients of h, W, b against float64), then forward
+(under ``torch.no_grad()``: the loss alone) and forward+backward are timed interleaved; the peak memory of forward+backward is measured like
 the training step's. An op that the installed charmlp lacks is reported as SKIPPED.
 """
 
@@ -83,7 +83,11 @@ def bench_output_layer(sizes: list[H.Size], cfg: H.Config, log=print) -> dict:
                 live[name] = fn
 
         def fwd(fn):
-            return fn(*leaves, y)
+            # Under no_grad: the loss alone (evaluation). With grad enabled, charmlp's
+            # scalar-loss forward also computes the gradients (see ops.linear_cross_entropy),
+            # so the training cost is the forward+backward column.
+            with torch.no_grad():
+                return fn(*leaves, y)
 
         def fwd_bwd(fn):
             return torch.autograd.grad(fn(*leaves, y), leaves)

@@ -55,6 +55,36 @@ struct EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTan
   }
 };
 
+// Whether t is a plain CPU tensor holding 1: what loss.backward() seeds a scalar loss
+// with. Its value may only be read from a plain CPU tensor: under torch.compile (fake
+// or functional tensors), functorch transforms (wrapper tensors) or on CUDA (a device
+// sync) the caller multiplies instead.
+bool is_plain_cpu_one(const at::Tensor& t) {
+  static const c10::DispatchKeySet plain_cpu({c10::DispatchKey::CPU,
+                                              c10::DispatchKey::ADInplaceOrView,
+                                              c10::DispatchKey::AutogradCPU,
+                                              c10::DispatchKey::AutocastCPU});
+  return t.defined() && plain_cpu.isSupersetOf(t.key_set()) && t.layout() == c10::kStrided &&
+         t.numel() == 1 && t.item<double>() == 1.0;
+}
+
+// For the ops whose autograd forward computed the gradients of a scalar loss and
+// saved them: the chain rule is one multiply, dL/dp = grad_loss * saved_p, and none
+// when grad_loss is 1: the saved tensors are returned as they are (AccumulateGrad takes
+// them over once the node has released them, or copies them when the graph is
+// retained), which spares a pass over grad_input [B, H] in linear_cross_entropy. The
+// saved gradients are constants to autograd, so a double backward (create_graph=True)
+// could only be wrong: it raises.
+std::vector<at::Tensor> scale_saved_gradients(AutogradContext* ctx, const at::Tensor& grad_loss,
+                                              const char* op, const char* alternative) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "charmlp: ", op,
+              " computes its gradients in the forward and does not support double backward "
+              "(create_graph=True); use ", alternative, " for higher-order gradients");
+  std::vector<at::Tensor> saved = ctx->get_saved_variables();
+  if (is_plain_cpu_one(grad_loss)) return saved;
+  return at::_foreach_mul(saved, grad_loss);
+}
+
 // cross_entropy: saves logits, target and the per-row log-sum-exp (never the softmax).
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
@@ -84,6 +114,33 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
                 ctx->saved_data["ignore_index"].toInt(),
                 ctx->saved_data["label_smoothing"].toDouble());
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// cross_entropy with a scalar loss (mean or sum) when a gradient is needed: the
+// forward is cross_entropy_and_grads (one exp per logit for lse, loss and gradient)
+// and saves grad_logits [B, V] (the same size as the logits the two-pass form keeps);
+// the backward scales it.
+struct CrossEntropyGradsInForwardFunction
+    : public torch::autograd::Function<CrossEntropyGradsInForwardFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
+                               const at::Tensor& target, int64_t reduction, int64_t ignore_index,
+                               double label_smoothing) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>(
+        "charmlp::cross_entropy_and_grads");
+    auto [loss, lse, grad_logits] =
+        op.call(logits, target, reduction, ignore_index, label_smoothing);
+    ctx->save_for_backward({grad_logits});
+    ctx->mark_non_differentiable({lse});
+    return {loss, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto g = scale_saved_gradients(ctx, grads[0], "cross_entropy (mean or sum)",
+                                         "F.cross_entropy");
+    return {g[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -128,36 +185,6 @@ struct LinearCrossEntropyFunction
             at::Tensor()};
   }
 };
-
-// Whether t is a plain CPU tensor holding 1: what loss.backward() seeds a scalar loss
-// with. Its value may only be read from a plain CPU tensor: under torch.compile (fake
-// or functional tensors), functorch transforms (wrapper tensors) or on CUDA (a device
-// sync) the caller multiplies instead.
-bool is_plain_cpu_one(const at::Tensor& t) {
-  static const c10::DispatchKeySet plain_cpu({c10::DispatchKey::CPU,
-                                              c10::DispatchKey::ADInplaceOrView,
-                                              c10::DispatchKey::AutogradCPU,
-                                              c10::DispatchKey::AutocastCPU});
-  return t.defined() && plain_cpu.isSupersetOf(t.key_set()) && t.layout() == c10::kStrided &&
-         t.numel() == 1 && t.item<double>() == 1.0;
-}
-
-// For the ops whose autograd forward computed the gradients of a scalar loss and
-// saved them: the chain rule is one multiply, dL/dp = grad_loss * saved_p, and none
-// when grad_loss is 1: the saved tensors are returned as they are (AccumulateGrad takes
-// them over once the node has released them, or copies them when the graph is
-// retained), which spares a pass over grad_input [B, H] in linear_cross_entropy. The
-// saved gradients are constants to autograd, so a double backward (create_graph=True)
-// could only be wrong: it raises.
-std::vector<at::Tensor> scale_saved_gradients(AutogradContext* ctx, const at::Tensor& grad_loss,
-                                              const char* op, const char* alternative) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), "charmlp: ", op,
-              " computes its gradients in the forward and does not support double backward "
-              "(create_graph=True); use ", alternative, " for higher-order gradients");
-  std::vector<at::Tensor> saved = ctx->get_saved_variables();
-  if (is_plain_cpu_one(grad_loss)) return saved;
-  return at::_foreach_mul(saved, grad_loss);
-}
 
 // linear_cross_entropy with a scalar loss (mean or sum) when a gradient is needed:
 // the forward is linear_cross_entropy_and_grads (one pass, three GEMMs) and saves
@@ -225,11 +252,24 @@ at::Tensor embed_linear_tanh_autograd(const at::Tensor& idx, const at::Tensor& t
   return EmbedLinearTanhFunction::apply(idx, table, weight, bias);
 }
 
+// As linear_cross_entropy_autograd: no gradient, the forward kernel; a scalar loss,
+// the gradient in the forward; reduction 'none', the two-pass form.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logits,
                                                           const at::Tensor& target,
                                                           int64_t reduction, int64_t ignore_index,
                                                           double label_smoothing) {
-  auto out = CrossEntropyFunction::apply(logits, target, reduction, ignore_index, label_smoothing);
+  if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op =
+        op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                      int64_t, double)>("charmlp::cross_entropy");
+    return op.call(logits, target, reduction, ignore_index, label_smoothing);
+  }
+  auto out = reduction == at::Reduction::None
+                 ? CrossEntropyFunction::apply(logits, target, reduction, ignore_index,
+                                               label_smoothing)
+                 : CrossEntropyGradsInForwardFunction::apply(logits, target, reduction,
+                                                             ignore_index, label_smoothing);
   return {out[0], out[1]};
 }
 

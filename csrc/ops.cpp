@@ -32,6 +32,12 @@ TORCH_LIBRARY(charmlp, m) {
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
       "int reduction, int ignore_index, float label_smoothing) -> Tensor");
 
+  // The same loss (reduction mean or sum) and its gradient in one pass: what the autograd
+  // forward calls when a gradient is needed. -> loss [], lse [B], grad_logits [B, V]
+  m.def(
+      "cross_entropy_and_grads(Tensor logits, Tensor target, int reduction, int ignore_index, "
+      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+
   // Output projection fused with the loss: never stores logits or softmax for backward.
   // input [B, H], weight [V, H] (nn.Linear layout), bias [V], target [B]
   //   -> loss ([] or [B]), lse [B] (float32/64)

@@ -108,9 +108,7 @@ print("charmlp from", charmlp.__file__)
 info = charmlp.build_info()
 print({k: v for k, v in info.items() if k != "parallel"})
 ok = torch.cuda.is_available() and charmlp.has_cuda_kernels()
-for op in ["embed_linear_tanh", "embed_linear_tanh_backward", "cross_entropy", "cross_entropy_backward",
-           "linear_cross_entropy", "linear_cross_entropy_backward", "linear_cross_entropy_and_grads", "mlp_cross_entropy",
-           "mlp_cross_entropy_and_grads", "mlp_sgd_step"]:
+for op in charmlp.ops.op_names():
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA")
     ok = ok and has
     print(op, "CUDA kernel:", has)

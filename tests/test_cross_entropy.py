@@ -169,3 +169,55 @@ def test_bad_arguments_name_the_argument():
     for args, kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             ops.cross_entropy(*args, **kw)
+
+
+# The autograd path of a scalar loss: cross_entropy_and_grads computes the gradient in the
+# forward, the backward scales it (the tests above, whose grad_loss is not 1, run it).
+
+@pytest.mark.parametrize("reduction", [1, 2], ids=["mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_and_grads_op_matches_reference_and_the_two_pass_backward(reduction, label_smoothing, dtype):
+    logits, target = _inputs(300, 27, dtype=dtype, ignore_frac=0.2)
+    P = torch.ops.charmlp
+    loss, lse, grad = P.cross_entropy_and_grads(logits.detach(), target, reduction, -100, label_smoothing)
+    up = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(up, target, reduction={1: "mean", 2: "sum"}[reduction], label_smoothing=label_smoothing)
+    (ref_grad,) = torch.autograd.grad(ref, up)
+    assert loss.dtype == dtype and grad.dtype == dtype and lse.dtype == torch.float32
+    assert_close(loss, ref.to(dtype), dtype=dtype)
+    assert_close(grad, ref_grad.to(dtype), dtype=dtype)
+    _, lse2 = P.cross_entropy(logits.detach(), target, reduction, -100, label_smoothing)
+    torch.testing.assert_close(lse, lse2)
+    two_pass = P.cross_entropy_backward(torch.ones((), dtype=dtype), logits.detach(), target, lse2, reduction, -100,
+                                        label_smoothing)
+    assert_close(grad, two_pass, dtype=dtype)
+
+
+def test_and_grads_needs_a_scalar_loss_and_passes_opcheck():
+    logits, target = _inputs(20, 27)
+    op = torch.ops.charmlp.cross_entropy_and_grads.default
+    with pytest.raises(ValueError, match=r"reduction must be 1 \(mean\) or 2 \(sum\), got 0"):
+        op(logits.detach(), target, 0, -100, 0.0)
+    for reduction in (1, 2):
+        torch.library.opcheck(op, (logits.detach(), target, reduction, -100, 0.1))
+
+
+def test_scalar_loss_double_backward_raises_and_no_grad_records_nothing():
+    logits, target = _inputs(10, 6)
+    loss = ops.cross_entropy(logits, target)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+    with torch.no_grad():
+        assert ops.cross_entropy(logits, target).grad_fn is None
+
+
+def test_retained_graph_backward_twice_after_in_place_grad_changes():
+    logits, target = _inputs(64, 27)
+    loss = ops.cross_entropy(logits, target)
+    loss.backward(retain_graph=True)
+    (want,) = torch.autograd.grad(F.cross_entropy(logits, target), logits)
+    assert_close(logits.grad, want)
+    logits.grad.zero_()
+    loss.backward()
+    assert_close(logits.grad, want)

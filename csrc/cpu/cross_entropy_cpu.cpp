@@ -9,16 +9,23 @@
 // Rows are independent, so both passes are parallel over rows with one read of
 // the logits each: forward saves lse [B] (not the softmax), backward rebuilds
 // the probabilities from it while writing the gradient.
+// cross_entropy_and_grads (a scalar loss; what autograd runs when a gradient is
+// needed): the row scales are known up front, so one pass per row computes lse,
+// the loss and the gradient from the same exps (row_loss_and_grad).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "checks.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
 #include "cpu/softmax_xent_row.h"
+#include "cpu/workspace.h"
 
 namespace charmlp {
 
@@ -35,6 +42,37 @@ void forward_rows(const scalar_t* x, const int64_t* target, acc_t* lse, acc_t* l
       lse[b] = row_logsumexp<scalar_t, acc_t>(row, V);
       const int64_t t = target[b];
       loss[b] = t == ignore_index ? acc_t(0) : row_loss<scalar_t, acc_t>(row, V, t, lse[b], eps);
+    }
+  });
+}
+// x B x V, target B, scale B (0 for ignored rows) -> lse B, per-row loss B and the
+// gradient B x V (in grad's dtype), from one exp per logit.
+template <typename scalar_t, typename acc_t>
+void forward_backward_rows(const scalar_t* x, const int64_t* target, const acc_t* scale,
+                           acc_t* lse, acc_t* loss, scalar_t* grad, int64_t B, int64_t V,
+                           int64_t ignore_index, acc_t eps) {
+  at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
+    // float32/64 write the gradient row directly; reduced precision goes through an
+    // acc_t row.
+    acc_t* work = std::is_same_v<scalar_t, acc_t> ? nullptr
+                                                  : thread_scratch<acc_t>(Scratch::kChunkC, V);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* row = x + b * V;
+      scalar_t* g = grad + b * V;
+      const int64_t t = target[b];
+      if (t == ignore_index) {
+        lse[b] = row_logsumexp<scalar_t, acc_t>(row, V);
+        loss[b] = acc_t(0);
+        std::fill_n(g, V, scalar_t(0));
+        continue;
+      }
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        loss[b] = row_loss_and_grad<acc_t>(row, g, V, t, eps, scale[b], lse + b);
+      } else {
+        for (int64_t v = 0; v < V; ++v) work[v] = static_cast<acc_t>(row[v]);
+        loss[b] = row_loss_and_grad<acc_t>(work, work, V, t, eps, scale[b], lse + b);
+        for (int64_t v = 0; v < V; ++v) g[v] = static_cast<scalar_t>(work[v]);
+      }
     }
   });
 }
@@ -122,6 +160,35 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   return grad;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cpu(
+    const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
+    double label_smoothing) {
+  check_cross_entropy_args(logits, target, reduction, label_smoothing);
+  check_scalar_loss_reduction(reduction, "cross_entropy_and_grads");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const at::Tensor target64 = checked_indices_cpu(target, V, "target", ignore_index);
+  const at::Tensor x = logits.contiguous();
+  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  at::Tensor lse = at::empty({B}, logits.options().dtype(acc_dtype));
+  at::Tensor row_loss = at::empty({B}, lse.options());
+  at::Tensor grad = at::empty({B, V}, logits.options());
+  // d(loss)/d(row loss): the backward's scales for a grad_loss of 1.
+  const at::Tensor scales =
+      row_grad_scales(at::ones({}, lse.options()), target64, reduction, ignore_index, acc_dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
+                                  "cross_entropy_and_grads_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_backward_rows<scalar_t, acc_t>(
+        x.const_data_ptr<scalar_t>(), target64.const_data_ptr<int64_t>(),
+        scales.const_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
+        row_loss.mutable_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>(), B, V, ignore_index,
+        static_cast<acc_t>(label_smoothing));
+  });
+  const int64_t count =
+      reduction == at::Reduction::Mean ? count_targets_cpu(target64, ignore_index) : 0;
+  return {reduce_row_losses(row_loss, reduction, count, logits.scalar_type()), lse, grad};
+}
+
 // Per-row gradient scale [B] in acc dtype: 0 for ignored rows.
 at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target64,
                            int64_t reduction, int64_t ignore_index, at::ScalarType acc_dtype) {
@@ -148,6 +215,7 @@ at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target
 TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
   m.impl("cross_entropy", &cross_entropy_cpu);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+  m.impl("cross_entropy_and_grads", &cross_entropy_and_grads_cpu);
 }
 
 }  // namespace charmlp

@@ -79,7 +79,7 @@ inline void output_loss_and_dlogits(int64_t n, int64_t V, T* logits, const int64
       loss[r] = T(0);
       std::fill_n(row, V, T(0));
     } else {
-      loss[r] = row_loss_and_grad<T>(row, V, target[r], eps, scale[r], lse + r);
+      loss[r] = row_loss_and_grad<T>(row, row, V, target[r], eps, scale[r], lse + r);
     }
   }
 }

@@ -13,6 +13,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/vec_math.h"
 
@@ -22,6 +27,40 @@ namespace charmlp {
 // masked (vec_math.h). A plain `omp simd reduction` loop leaves V % 16 elements to
 // a scalar remainder loop: at V = 27 those 11 scalar exps cost 4x the vector part,
 // and the loss rows cost more than the logits GEMM that produced them.
+
+// The sum (max) of the kVectorLanes partials in l (may be overwritten), as a tree of
+// halving vector operations: log2(16) = 4 dependent steps. An `omp simd reduction`
+// over the lanes compiles to 15 dependent scalar adds (~60 cycles a row, more than the
+// exps at V = 27), and a tree written as loops over halves of the array goes through
+// the stack (a store then narrower reloads); for float under AVX-512 the intrinsic
+// reductions keep it in registers.
+template <typename acc_t>
+inline acc_t sum_lanes(acc_t* l) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float> && kVectorLanes == 16) {
+    return _mm512_reduce_add_ps(_mm512_loadu_ps(l));
+  }
+#endif
+  for (int64_t w = kVectorLanes / 2; w >= 1; w /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) l[j] += l[j + w];
+  }
+  return l[0];
+}
+
+template <typename acc_t>
+inline acc_t max_lanes(acc_t* l) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float> && kVectorLanes == 16) {
+    return _mm512_reduce_max_ps(_mm512_loadu_ps(l));
+  }
+#endif
+  for (int64_t w = kVectorLanes / 2; w >= 1; w /= 2) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) l[j] = l[j + w] > l[j] ? l[j + w] : l[j];
+  }
+  return l[0];
+}
 
 // max_v x_v in acc_t (-inf for V = 0; NaNs are skipped: the exp pass propagates them).
 template <typename scalar_t, typename acc_t>
@@ -36,10 +75,7 @@ inline acc_t row_max(const scalar_t* x, int64_t V) {
       lane_max[j] = xv > lane_max[j] ? xv : lane_max[j];
     }
   }
-  acc_t m = kNegInf;  // the 16 lanes reduced as a vector tree, not a 15-step scalar chain
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < kVectorLanes; ++j) m = lane_max[j] > m ? lane_max[j] : m;
-  return m;
+  return max_lanes(lane_max);
 }
 
 // x: V logits (any float type); returns log-sum-exp in acc_t.
@@ -55,10 +91,7 @@ inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
       lane_sum[j] += in_row ? e : acc_t(0);
     }
   }
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < kVectorLanes; ++j) s += lane_sum[j];
-  return m + std::log(s);
+  return m + std::log(sum_lanes(lane_sum));
 }
 
 // Loss of one row given its lse (label smoothing folded in).
@@ -94,10 +127,10 @@ inline void row_grad(const scalar_t* x, int64_t V, int64_t target, acc_t lse, ac
   }
 }
 
-// In place: x[v] <- exp(x[v] - m), m = max_v x_v; returns sum_v exp(x[v] - m) and
+// y[v] <- exp(x[v] - m), m = max_v x_v (y may be x); returns sum_v exp(x[v] - m) and
 // sets *m_out. The shared core of the one-exp-pass loss-and-gradient rows below.
 template <typename acc_t>
-inline acc_t row_exp_inplace(acc_t* x, int64_t V, acc_t* m_out) {
+inline acc_t row_exp(const acc_t* x, acc_t* y, int64_t V, acc_t* m_out) {
   const acc_t m = row_max<acc_t, acc_t>(x, V);
   acc_t lane_sum[kVectorLanes] = {};
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
@@ -105,29 +138,26 @@ inline acc_t row_exp_inplace(acc_t* x, int64_t V, acc_t* m_out) {
     for (int64_t j = 0; j < kVectorLanes; ++j) {
       if (v0 + j < V) {
         const acc_t e = fast_exp<acc_t>(x[v0 + j] - m);
-        x[v0 + j] = e;
+        y[v0 + j] = e;
         lane_sum[j] += e;
       }
     }
   }
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < kVectorLanes; ++j) s += lane_sum[j];
   *m_out = m;
-  return s;
+  return sum_lanes(lane_sum);
 }
 
 // Loss and gradient of one row in one pass over its exps, for callers that know the
 // row's gradient scale before the forward (mlp_sgd_step): the exp(x - m) summed for
 // lse are kept and normalized into the softmax, one exp per logit instead of the
-// two of row_logsumexp + row_grad. In place: x holds the V logits on entry and the
-// gradient on return. Returns the loss; *lse_out = lse.
+// two of row_logsumexp + row_grad. x: the V logits; g: the gradient (g may be x, in
+// place; a separate g spares the caller a copy). Returns the loss; *lse_out = lse.
 template <typename acc_t>
-inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, acc_t scale,
-                               acc_t* lse_out) {
+inline acc_t row_loss_and_grad(const acc_t* x, acc_t* g, int64_t V, int64_t target, acc_t eps,
+                               acc_t scale, acc_t* lse_out) {
   const acc_t loss_without_lse = row_loss<acc_t, acc_t>(x, V, target, acc_t(0), eps);
   acc_t m;
-  const acc_t s = row_exp_inplace<acc_t>(x, V, &m);
+  const acc_t s = row_exp<acc_t>(x, g, V, &m);
   const acc_t lse = m + std::log(s);
   const acc_t p_scale = scale / s, smooth = scale * eps / static_cast<acc_t>(V);
   const acc_t hit = scale * (acc_t(1) - eps);
@@ -135,7 +165,7 @@ inline acc_t row_loss_and_grad(acc_t* x, int64_t V, int64_t target, acc_t eps, a
 #pragma omp simd
     for (int64_t j = 0; j < kVectorLanes; ++j) {
       const int64_t v = v0 + j;
-      if (v < V) x[v] = x[v] * p_scale - smooth - (v == target ? hit : acc_t(0));
+      if (v < V) g[v] = g[v] * p_scale - smooth - (v == target ? hit : acc_t(0));
     }
   }
   *lse_out = lse;
@@ -157,11 +187,9 @@ inline acc_t row_loss_and_grad_counts(acc_t* x, int64_t V, const acc_t* counts, 
       if (v0 + j < V) lane_dot[j] += counts[v0 + j] * x[v0 + j];
     }
   }
-  acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-  for (int64_t j = 0; j < kVectorLanes; ++j) dot += lane_dot[j];
+  const acc_t dot = sum_lanes(lane_dot);
   acc_t m;
-  const acc_t s = row_exp_inplace<acc_t>(x, V, &m);
+  const acc_t s = row_exp<acc_t>(x, x, V, &m);
   const acc_t lse = m + std::log(s);
   const acc_t p_scale = scale * n / s;
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {

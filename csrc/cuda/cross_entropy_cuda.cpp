@@ -97,11 +97,27 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
   return grad;
 }
 
+// The forward and backward kernels back to back (grad_loss of 1), so autograd takes
+// the same path on both devices.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cuda(
+    const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
+    double label_smoothing) {
+  check_scalar_loss_reduction(reduction, "cross_entropy_and_grads");
+  auto [loss, lse] =
+      cross_entropy_launch(logits, target, reduction, ignore_index, label_smoothing);
+  at::Tensor grad = cross_entropy_backward_launch(at::Tensor(), logits, target, lse, reduction,
+                                                  ignore_index, label_smoothing);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_index_errors();
+  return {loss, lse, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
   m.impl("cross_entropy", &cross_entropy_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
+  m.impl("cross_entropy_and_grads", &cross_entropy_and_grads_cuda);
 }
 
 }  // namespace cuda

@@ -24,10 +24,18 @@ __all__ = [
     "linear_cross_entropy",
     "mlp_cross_entropy",
     "mlp_sgd_step",
+    "op_names",
     "reduction_code",
 ]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def op_names() -> list[str]:
+    """Every operator of the charmlp library (the schemas of csrc/ops.cpp), sorted."""
+    return sorted(
+        {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("charmlp::")}
+    )
 
 
 def reduction_code(reduction: str) -> int:
@@ -110,8 +118,11 @@ def cross_entropy(
 
     Same semantics as PyTorch: reductions ``'none' | 'mean' | 'sum'``, rows whose target
     is ``ignore_index`` contribute nothing and are left out of the mean's denominator
-    (an all-ignored batch gives nan under ``'mean'``), and label smoothing. The forward
-    saves the per-row log-sum-exp, never the softmax, and the backward is one pass.
+    (an all-ignored batch gives nan under ``'mean'``), and label smoothing. The softmax
+    is never stored: with ``'mean'`` or ``'sum'`` and a gradient to compute, the forward
+    computes the gradient from the same exps as the loss and the backward only scales it
+    (a double backward then raises); with ``'none'`` the forward saves the per-row
+    log-sum-exp and the backward is one pass.
     """
     loss, _lse = torch.ops.charmlp.cross_entropy.default(
         logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
@@ -135,6 +146,17 @@ def _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing
 @torch.library.register_fake("charmlp::cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_loss, logits, target, lse, reduction, ignore_index, label_smoothing):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("charmlp::cross_entropy_and_grads")
+def _cross_entropy_and_grads_fake(logits, target, reduction, ignore_index, label_smoothing):
+    torch._check(
+        reduction in (1, 2),
+        lambda: f"charmlp: cross_entropy_and_grads returns the gradients of a scalar loss: "
+        f"reduction must be 1 (mean) or 2 (sum), got {reduction}",
+    )
+    loss, lse = _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing)
+    return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 # --------------------------------------------------------------------------------------

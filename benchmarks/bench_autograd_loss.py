@@ -14,7 +14,9 @@ on names.txt batches, three ways to get the loss and the gradients:
 - plain PyTorch: the lecture's code (embedding index, two F.linear, tanh, F.cross_entropy);
 - charmlp layer ops: ``ops.embed_linear_tanh`` then ``ops.linear_cross_entropy`` (what the
   model ran before ``mlp_cross_entropy``; still its path for dtypes without a whole-model kernel);
-- charmlp ``mlp_cross_entropy``: the model's training form.
+- charmlp ``mlp_cross_entropy``: the model's training form;
+- charmlp ``forward_backward``: ``MLPLanguageModel.forward_backward``, the same op's loss and
+  gradients assigned to ``.grad`` without autograd (what ``charmlp train`` runs for AdamW).
 
 Measurements, each arm interleaved round by round (median): forward + backward
 (gradients zeroed with ``set_to_none``), an AdamW training step (forward, backward,
@@ -51,11 +53,23 @@ def layer_ops_loss(idx, y, table, W1, b1, W2, b2):
     return ops.linear_cross_entropy(ops.embed_linear_tanh(idx, table, W1, b1), W2, b2, y)
 
 
+def grads_without_autograd(idx, y, *params):
+    """What ``MLPLanguageModel.forward_backward`` runs: the loss and the five gradients
+    from one op, assigned to ``.grad`` with no autograd graph."""
+    with torch.no_grad():
+        loss, *grads = torch.ops.charmlp.mlp_cross_entropy_and_grads(idx, y, *params)
+    for p, g in zip(params, grads):
+        p.grad = g
+    return loss
+
+
 ARMS = {
     "plain PyTorch": plain_loss,
     "charmlp layer ops": layer_ops_loss,
     "charmlp mlp_cross_entropy": ops.mlp_cross_entropy,
+    "charmlp forward_backward": grads_without_autograd,
 }
+SETS_GRADS = {"charmlp forward_backward"}  # the arm's call is forward and backward in one
 MEASUREMENTS = ("fwd_bwd", "adamw_step", "eval")
 LABELS = {"fwd_bwd": "forward + backward", "adamw_step": "AdamW training step", "eval": "loss under no_grad"}
 
@@ -63,12 +77,14 @@ LABELS = {"fwd_bwd": "forward + backward", "adamw_step": "AdamW training step", 
 class Runner:
     """One arm's parameters (its own copy of the canonical weights) and its measurements."""
 
-    def __init__(self, loss_fn, params: dict, idx, y):
-        self.loss_fn, self.idx, self.y = loss_fn, idx, y
+    def __init__(self, loss_fn, params: dict, idx, y, sets_grads: bool = False):
+        self.loss_fn, self.idx, self.y, self.sets_grads = loss_fn, idx, y, sets_grads
         self.params = [params[k].clone().requires_grad_() for k in H.PARAM_NAMES]
         self.opt = torch.optim.AdamW(self.params, lr=1e-3, fused=True)
 
     def fwd_bwd(self):
+        if self.sets_grads:
+            return self.loss_fn(self.idx, self.y, *self.params)
         for p in self.params:
             p.grad = None
         loss = self.loss_fn(self.idx, self.y, *self.params)
@@ -82,6 +98,8 @@ class Runner:
 
     def eval(self):
         with torch.no_grad():
+            if self.sets_grads:  # the loss-only op: the same as mlp_cross_entropy's arm
+                return ops.mlp_cross_entropy(self.idx, self.y, *self.params)
             return self.loss_fn(self.idx, self.y, *self.params)
 
 
@@ -104,10 +122,11 @@ def bench(size: H.Size, rounds: int, device: torch.device) -> dict:
            "median_s": {m: {} for m in MEASUREMENTS}}
     runners = {}
     for name, fn in ARMS.items():
-        runners[name] = Runner(fn, params, idx, y)
+        runners[name] = Runner(fn, params, idx, y, sets_grads=name in SETS_GRADS)
         res["errors"][name] = check(name, runners[name], ref)
     timer = H.Timer(device)
-    jobs = [(name, m) for m in MEASUREMENTS for name in ARMS]
+    # (forward_backward's no_grad loss is mlp_cross_entropy's: not timed twice)
+    jobs = [(name, m) for m in MEASUREMENTS for name in ARMS if not (m == "eval" and name in SETS_GRADS)]
     inner = {}
     for name, m in jobs:  # warm-up, and calls per timed block (~2 ms)
         fn = getattr(runners[name], m)
@@ -126,8 +145,8 @@ def bench(size: H.Size, rounds: int, device: torch.device) -> dict:
 
 
 def table(results: list[dict], m: str) -> list[str]:
-    names = list(ARMS)
-    L = [f"### {LABELS[m]}", "", "| size | rows | " + " | ".join(names) + " | vs layer ops |",
+    names = [n for n in ARMS if n in results[0]["median_s"][m]]
+    L = [f"### {LABELS[m]}", "", "| size | rows | " + " | ".join(names) + " | mlp_cross_entropy vs layer ops |",
          "|---|---|" + "---|" * (len(names) + 1)]
     for r in results:
         t = r["median_s"][m]
@@ -160,8 +179,8 @@ def main(argv=None):
     lines = ["# The whole-model loss op under autograd", "",
              f"`python benchmarks/bench_autograd_loss.py` on {device.type} ({threads} torch threads), names.txt "
              "batches: median time per call, arms interleaved round by round, speedup vs plain PyTorch in "
-             "brackets; the last column is `mlp_cross_entropy` vs the charmlp layer ops. Every arm's loss and "
-             "five gradients (and its no-grad loss) passed the suite's gate against float64 first; worst "
+             "brackets. `forward_backward` runs no autograd (its no-grad loss is `mlp_cross_entropy`'s). Every arm's "
+             "loss and five gradients (and its no-grad loss) passed the suite's gate against float64 first; worst "
              "relative errors: " + "; ".join(
                  f"{n} {max(r['errors'][n] for r in results):.1e}" for n in ARMS) + ".", ""]
     for m in MEASUREMENTS:

@@ -148,6 +148,35 @@ def test_sgd_step_restores_grad_mode_and_sees_replaced_parameters():
     assert model.head.weight is new_w2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32-fused-op", "bf16-autograd"])
+@pytest.mark.parametrize("batch", [1, 32, 5000])
+def test_forward_backward_sets_the_gradients(batch, dtype):
+    torch.manual_seed(batch)
+    model = MLPLanguageModel(init="notebook").to(dtype)
+    ref = MLPLanguageModel(init="notebook", fused=False).to(torch.float64)
+    idx = torch.randint(0, 27, (batch, 3))
+    targets = torch.randint(0, 27, (batch,))
+    targets[1::4] = -100
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)  # replaced, not accumulated
+    with torch.no_grad():  # works under no_grad too (it needs no graph)
+        loss = model.forward_backward(idx, targets)
+    _, ref_loss = ref(idx, targets)
+    ref_loss.backward()
+    assert loss.dtype == dtype and not loss.requires_grad
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    assert_close(loss, ref_loss.detach().to(dtype), **tol)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert a.grad.dtype == dtype
+        if dtype == torch.bfloat16:  # tanh' from a rounded h: error relative to the largest entry
+            tol = dict(rtol=0, atol=3e-2 * b.grad.abs().max().item())
+        assert_close(a.grad.double(), b.grad, **tol)
+    with pytest.raises(IndexError, match="idx contains 27"):
+        model.forward_backward(torch.full((batch, 3), 27), targets)
+    with pytest.raises(ValueError, match="block_size=3"):
+        model.forward_backward(torch.zeros(batch, 2, dtype=torch.long), targets)
+
+
 def test_compiled_model_fullgraph():
     model = MLPLanguageModel(init="notebook")
     idx = torch.randint(0, 27, (256, 3))

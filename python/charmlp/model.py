@@ -25,6 +25,7 @@ NOTEBOOK_SEED = 2147483647
 # which (device type, dtype) pairs have kernels.
 _mlp_sgd_step = torch.ops.charmlp.mlp_sgd_step.default
 _mlp_cross_entropy = torch.ops.charmlp.mlp_cross_entropy.default
+_mlp_cross_entropy_and_grads = torch.ops.charmlp.mlp_cross_entropy_and_grads.default
 _WHOLE_MODEL_KERNELS: dict = {}
 
 
@@ -177,6 +178,31 @@ class MLPLanguageModel(nn.Module):
         """Whether the whole-model ops (mlp_cross_entropy, mlp_sgd_step) have a kernel for
         parameters like p (its device and dtype)."""
         return _whole_model_kernels(p.device.type, p.dtype)
+
+    def forward_backward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Sets every parameter's ``.grad`` to the gradient of the mean cross-entropy and
+        returns the loss (detached): ``zero_grad(set_to_none=True)``, forward, ``backward()``
+        in one call, for any optimizer (``loss = model.forward_backward(x, y); opt.step()``).
+
+        ``.grad`` is replaced, not accumulated. With ``fused=True`` and a whole-model kernel
+        (CPU float32/float64, CUDA) this is the single ``mlp_cross_entropy_and_grads`` op with
+        no autograd graph at all (about half the cost of autograd at the lecture's batch of
+        32); otherwise autograd through the model.
+        """
+        params = self._step_parameters()
+        if self.fused and self._whole_model_kernel_available(params[0]):
+            self._check_idx(idx)
+            with torch.no_grad():
+                loss, *grads = _mlp_cross_entropy_and_grads(idx, targets, *params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            return loss
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            _, loss = self(idx, targets, return_logits=False)
+            loss.backward()
+        return loss.detach()
 
     def sgd_step(self, idx: Tensor, targets: Tensor, lr: float) -> Tensor:
         """One plain-SGD step on every parameter (``p -= lr * dloss/dp``); returns the loss.

@@ -685,7 +685,15 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         opt.step()
         return loss.detach()
 
-    step_fn = sgd_fast if fast_sgd else autograd_step
+    def fused_grads_step(xb, yb, lr):  # one op for loss and gradients, no autograd graph
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model.forward_backward(xb, yb)
+        opt.step()
+        return loss
+
+    # DDP reduces gradients from autograd hooks: it needs the autograd path.
+    step_fn = sgd_fast if fast_sgd else (autograd_step if d.enabled else fused_grads_step)
     on_cpu = device.type == "cpu"
     ntr = Xtr.shape[0]
     chunk = 64

@@ -298,23 +298,48 @@ void check_cpu_dtype(const at::Tensor& table, const char* op) {
 
 }  // namespace
 
+namespace {
+
+// A whole-model op's inputs after the checks: the batch, and the five parameters as
+// contiguous tensors (views of the caller's when they already are).
+struct MlpInputs {
+  CheckedBatch batch;
+  std::array<at::Tensor, 5> params;  // table, weight1, bias1, weight2, bias2
+  int64_t V, E, H;
+
+  template <typename T>
+  std::array<const T*, 5> ptrs() const {
+    return {params[0].const_data_ptr<T>(), params[1].const_data_ptr<T>(),
+            params[2].const_data_ptr<T>(), params[3].const_data_ptr<T>(),
+            params[4].const_data_ptr<T>()};
+  }
+};
+
+// After check_mlp_args (or check_mlp_sgd_step_args).
+MlpInputs prepare_mlp(const at::Tensor& idx, const at::Tensor& target, const at::Tensor& table,
+                      const at::Tensor& weight1, const at::Tensor& bias1,
+                      const at::Tensor& weight2, const at::Tensor& bias2, const char* op) {
+  check_cpu_dtype(table, op);
+  const int64_t V = table.size(0);
+  return {check_batch(idx, target, V),
+          {table.contiguous(), weight1.contiguous(), bias1.contiguous(), weight2.contiguous(),
+           bias2.contiguous()},
+          V, table.size(1), weight1.size(0)};
+}
+
+}  // namespace
+
 at::Tensor mlp_cross_entropy_cpu(const at::Tensor& idx, const at::Tensor& target,
                                  const at::Tensor& table, const at::Tensor& weight1,
                                  const at::Tensor& bias1, const at::Tensor& weight2,
                                  const at::Tensor& bias2) {
   check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
-  check_cpu_dtype(table, "mlp_cross_entropy");
-  const int64_t V = table.size(0), E = table.size(1), H = weight1.size(0);
-  const CheckedBatch batch = check_batch(idx, target, V);
-  const std::array<at::Tensor, 5> p{table.contiguous(), weight1.contiguous(), bias1.contiguous(),
-                                    weight2.contiguous(), bias2.contiguous()};
+  const MlpInputs in =
+      prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2, "mlp_cross_entropy");
   at::Tensor loss = at::empty({}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_cpu", [&] {
-    const std::array<const scalar_t*, 5> ptrs{
-        p[0].const_data_ptr<scalar_t>(), p[1].const_data_ptr<scalar_t>(),
-        p[2].const_data_ptr<scalar_t>(), p[3].const_data_ptr<scalar_t>(),
-        p[4].const_data_ptr<scalar_t>()};
-    loss.fill_(run_mlp_loss<scalar_t, false>(batch, ptrs, V, E, H, nullptr));
+    loss.fill_(run_mlp_loss<scalar_t, false>(in.batch, in.ptrs<scalar_t>(), in.V, in.E, in.H,
+                                             nullptr));
   });
   return loss;
 }
@@ -325,21 +350,15 @@ mlp_cross_entropy_and_grads_cpu(const at::Tensor& idx, const at::Tensor& target,
                                 const at::Tensor& bias1, const at::Tensor& weight2,
                                 const at::Tensor& bias2) {
   check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
-  check_cpu_dtype(table, "mlp_cross_entropy_and_grads");
-  const int64_t V = table.size(0), E = table.size(1), H = weight1.size(0);
-  const CheckedBatch batch = check_batch(idx, target, V);
-  const std::array<at::Tensor, 5> p{table.contiguous(), weight1.contiguous(), bias1.contiguous(),
-                                    weight2.contiguous(), bias2.contiguous()};
+  const MlpInputs in = prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2,
+                                   "mlp_cross_entropy_and_grads");
   std::array<at::Tensor, 5> g;
-  for (size_t i = 0; i < p.size(); ++i) g[i] = at::empty(p[i].sizes(), p[i].options());
+  for (size_t i = 0; i < g.size(); ++i) g[i] = at::empty_like(in.params[i]);
   at::Tensor loss = at::empty({}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_and_grads_cpu", [&] {
-    const std::array<const scalar_t*, 5> ptrs{
-        p[0].const_data_ptr<scalar_t>(), p[1].const_data_ptr<scalar_t>(),
-        p[2].const_data_ptr<scalar_t>(), p[3].const_data_ptr<scalar_t>(),
-        p[4].const_data_ptr<scalar_t>()};
     MlpGrads<scalar_t> grads;
-    loss.fill_(run_mlp_loss<scalar_t, true>(batch, ptrs, V, E, H, &grads));
+    loss.fill_(run_mlp_loss<scalar_t, true>(in.batch, in.ptrs<scalar_t>(), in.V, in.E, in.H,
+                                            &grads));
     const std::array<const scalar_t*, 5> src{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
     for (size_t i = 0; i < g.size(); ++i) {
       std::copy_n(src[i], g[i].numel(), g[i].mutable_data_ptr<scalar_t>());
@@ -352,27 +371,23 @@ at::Tensor mlp_sgd_step_cpu(const at::Tensor& idx, const at::Tensor& target, at:
                             at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
                             at::Tensor& bias2, double lr) {
   check_mlp_sgd_step_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
-  check_cpu_dtype(table, "mlp_sgd_step");
-  const int64_t V = table.size(0), E = table.size(1), H = weight1.size(0);
-  const CheckedBatch batch = check_batch(idx, target, V);
-
-  // Work on contiguous parameters; copy back only if the caller's were not.
+  // Works on contiguous parameters (in.params); copies back only if the caller's were not.
+  const MlpInputs in =
+      prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2, "mlp_sgd_step");
+  const std::array<at::Tensor, 5>& work = in.params;
   std::array<at::Tensor*, 5> params{&table, &weight1, &bias1, &weight2, &bias2};
-  std::array<at::Tensor, 5> work;
-  for (size_t i = 0; i < params.size(); ++i) work[i] = params[i]->contiguous();
 
   at::Tensor loss = at::empty({}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_sgd_step_cpu", [&] {
-    std::array<scalar_t*, 5> ptrs;
-    for (size_t i = 0; i < work.size(); ++i) ptrs[i] = work[i].mutable_data_ptr<scalar_t>();
     MlpGrads<scalar_t> grads;
     // The gradients are complete (layer 1's needs the parameters before the update)
     // when run_mlp_loss returns; only then is anything written.
-    loss.fill_(run_mlp_loss<scalar_t, true>(
-        batch, {ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4]}, V, E, H, &grads));
+    loss.fill_(run_mlp_loss<scalar_t, true>(in.batch, in.ptrs<scalar_t>(), in.V, in.E, in.H,
+                                            &grads));
     const std::array<const scalar_t*, 5> g{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
     for (size_t i = 0; i < work.size(); ++i) {
-      sgd_update<scalar_t>(ptrs[i], g[i], work[i].numel(), static_cast<scalar_t>(lr));
+      sgd_update<scalar_t>(work[i].mutable_data_ptr<scalar_t>(), g[i], work[i].numel(),
+                           static_cast<scalar_t>(lr));
     }
   });
   for (size_t i = 0; i < params.size(); ++i) {

@@ -58,6 +58,15 @@ def _check_same_device(reference: Tensor, reference_name: str, **tensors: Tensor
             )
 
 
+def _check_scalar_loss_reduction(op: str, reduction: int) -> None:
+    """The fake kernels' version of check_scalar_loss_reduction in csrc/checks.h."""
+    torch._check(
+        reduction in (1, 2),
+        lambda: f"charmlp: {op} returns the gradients of a scalar loss: "
+        f"reduction must be 1 (mean) or 2 (sum), got {reduction}",
+    )
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in (and save lse in): float64 stays, the rest is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -150,11 +159,7 @@ def _cross_entropy_backward_fake(grad_loss, logits, target, lse, reduction, igno
 
 @torch.library.register_fake("charmlp::cross_entropy_and_grads")
 def _cross_entropy_and_grads_fake(logits, target, reduction, ignore_index, label_smoothing):
-    torch._check(
-        reduction in (1, 2),
-        lambda: f"charmlp: cross_entropy_and_grads returns the gradients of a scalar loss: "
-        f"reduction must be 1 (mean) or 2 (sum), got {reduction}",
-    )
+    _check_scalar_loss_reduction("cross_entropy_and_grads", reduction)
     loss, lse = _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing)
     return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -215,11 +220,7 @@ def _linear_cross_entropy_backward_fake(
 
 @torch.library.register_fake("charmlp::linear_cross_entropy_and_grads")
 def _linear_cross_entropy_and_grads_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing):
-    torch._check(
-        reduction in (1, 2),
-        lambda: f"charmlp: linear_cross_entropy_and_grads returns the gradients of a scalar loss: "
-        f"reduction must be 1 (mean) or 2 (sum), got {reduction}",
-    )
+    _check_scalar_loss_reduction("linear_cross_entropy_and_grads", reduction)
     loss, lse = _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing)
     return loss, lse, input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 

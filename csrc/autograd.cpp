@@ -68,21 +68,38 @@ bool is_plain_cpu_one(const at::Tensor& t) {
          t.numel() == 1 && t.item<double>() == 1.0;
 }
 
-// For the ops whose autograd forward computed the gradients of a scalar loss and
-// saved them: the chain rule is one multiply, dL/dp = grad_loss * saved_p, and none
-// when grad_loss is 1: the saved tensors are returned as they are (AccumulateGrad takes
-// them over once the node has released them, or copies them when the graph is
-// retained), which spares a pass over grad_input [B, H] in linear_cross_entropy. The
-// saved gradients are constants to autograd, so a double backward (create_graph=True)
-// could only be wrong: it raises.
-std::vector<at::Tensor> scale_saved_gradients(AutogradContext* ctx, const at::Tensor& grad_loss,
-                                              const char* op, const char* alternative) {
+// For the ops whose autograd forward computes the gradients of a scalar loss: the
+// forward stashes them in the node; the backward applies the chain rule,
+// dL/dp = grad_loss * g_p. The first backward takes the stashed tensors over (no copy)
+// and scales them in place, or not at all when grad_loss is 1 (what loss.backward()
+// seeds): for linear_cross_entropy that spares a pass over grad_input [B, H]. So the
+// tensors it returns alias nothing autograd keeps. A second backward through a retained
+// graph finds them taken and recomputes them from the inputs saved by the forward
+// (whose version counters catch in-place changes since the forward, as for any saved
+// input). The gradients are constants to autograd, so a double backward
+// (create_graph=True) could only be wrong: it raises.
+void stash_gradients(AutogradContext* ctx, std::vector<at::Tensor> grads) {
+  ctx->saved_data["grads"] = c10::List<at::Tensor>(std::move(grads));
+}
+
+template <typename Recompute>
+std::vector<at::Tensor> take_scaled_gradients(AutogradContext* ctx, const at::Tensor& grad_loss,
+                                              const char* op, const char* alternative,
+                                              Recompute recompute) {
   TORCH_CHECK(!at::GradMode::is_enabled(), "charmlp: ", op,
               " computes its gradients in the forward and does not support double backward "
               "(create_graph=True); use ", alternative, " for higher-order gradients");
-  std::vector<at::Tensor> saved = ctx->get_saved_variables();
-  if (is_plain_cpu_one(grad_loss)) return saved;
-  return at::_foreach_mul(saved, grad_loss);
+  std::vector<at::Tensor> grads;
+  const auto stashed = ctx->saved_data.find("grads");
+  if (stashed != ctx->saved_data.end()) {
+    grads = stashed->second.toTensorVector();
+    ctx->saved_data.erase(stashed);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    grads = recompute(ctx->get_saved_variables());
+  }
+  if (!is_plain_cpu_one(grad_loss)) at::_foreach_mul_(grads, grad_loss);
+  return grads;
 }
 
 // cross_entropy: saves logits, target and the per-row log-sum-exp (never the softmax).
@@ -119,8 +136,8 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
 
 // cross_entropy with a scalar loss (mean or sum) when a gradient is needed: the
 // forward is cross_entropy_and_grads (one exp per logit for lse, loss and gradient)
-// and saves grad_logits [B, V] (the same size as the logits the two-pass form keeps);
-// the backward scales it.
+// and stashes grad_logits [B, V] (the same size as the logits the two-pass form keeps);
+// the backward hands it over, scaled by grad_loss.
 struct CrossEntropyGradsInForwardFunction
     : public torch::autograd::Function<CrossEntropyGradsInForwardFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
@@ -132,14 +149,26 @@ struct CrossEntropyGradsInForwardFunction
         "charmlp::cross_entropy_and_grads");
     auto [loss, lse, grad_logits] =
         op.call(logits, target, reduction, ignore_index, label_smoothing);
-    ctx->save_for_backward({grad_logits});
+    stash_gradients(ctx, {grad_logits});
+    ctx->save_for_backward({logits, target});  // for a second backward only
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto g = scale_saved_gradients(ctx, grads[0], "cross_entropy (mean or sum)",
-                                         "F.cross_entropy");
+    const auto g = take_scaled_gradients(
+        ctx, grads[0], "cross_entropy (mean or sum)", "F.cross_entropy",
+        [ctx](const variable_list& in) -> std::vector<at::Tensor> {
+          static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>(
+              "charmlp::cross_entropy_and_grads");
+          return {std::get<2>(op.call(in[0], in[1], ctx->saved_data["reduction"].toInt(),
+                                      ctx->saved_data["ignore_index"].toInt(),
+                                      ctx->saved_data["label_smoothing"].toDouble()))};
+        });
     return {g[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -187,8 +216,8 @@ struct LinearCrossEntropyFunction
 };
 
 // linear_cross_entropy with a scalar loss (mean or sum) when a gradient is needed:
-// the forward is linear_cross_entropy_and_grads (one pass, three GEMMs) and saves
-// grad_input, grad_weight and grad_bias; the backward scales them. Against the
+// the forward is linear_cross_entropy_and_grads (one pass, three GEMMs) and stashes
+// grad_input, grad_weight and grad_bias; the backward hands them over, scaled. Against the
 // two-pass form this saves the backward's recompute of the logits (a GEMM) and an
 // exp pass; it keeps grad_input [B, H] from the forward on, memory the two-pass
 // backward allocates anyway when it runs (the loss is normally the graph's last op).
@@ -204,44 +233,73 @@ struct LinearCrossEntropyGradsInForwardFunction
         int64_t, int64_t, double)>("charmlp::linear_cross_entropy_and_grads");
     auto [loss, lse, grad_input, grad_weight, grad_bias] =
         op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing);
-    ctx->save_for_backward({grad_input, grad_weight, grad_bias});
+    stash_gradients(ctx, {grad_input, grad_weight, grad_bias});
+    ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()), target});
     ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto g = scale_saved_gradients(ctx, grads[0], "linear_cross_entropy (mean or sum)",
-                                         "F.linear and F.cross_entropy");
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const auto g = take_scaled_gradients(
+        ctx, grads[0], "linear_cross_entropy (mean or sum)", "F.linear and F.cross_entropy",
+        [ctx, has_bias](const variable_list& in) -> std::vector<at::Tensor> {
+          static auto op =
+              op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                  const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                  const at::Tensor&, int64_t, int64_t, double)>(
+                  "charmlp::linear_cross_entropy_and_grads");
+          auto out = op.call(in[0], in[1], has_bias ? std::optional<at::Tensor>(in[2]) : std::nullopt,
+                             in[3], ctx->saved_data["reduction"].toInt(),
+                             ctx->saved_data["ignore_index"].toInt(),
+                             ctx->saved_data["label_smoothing"].toDouble());
+          return {std::get<2>(out), std::get<3>(out), std::get<4>(out)};
+        });
     return {g[0],         g[1],         has_bias ? g[2] : at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // mlp_cross_entropy: the forward computes the loss and all five parameter gradients
-// in one pass (mlp_cross_entropy_and_grads) and saves the gradients; the backward
-// scales them by grad_loss. The saved gradients are parameter-sized, smaller than
+// in one pass (mlp_cross_entropy_and_grads) and stashes the gradients; the backward
+// hands them over, scaled by grad_loss. The saved gradients are parameter-sized, smaller than
 // the [B, H] activations a two-pass backward would keep.
 struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntropyFunction> {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static c10::TypedOperatorHandle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&)>&
+  and_grads_op() {
+    static auto op = op_handle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&)>("charmlp::mlp_cross_entropy_and_grads");
+    return op;
+  }
+
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& idx, const at::Tensor& target,
                             const at::Tensor& table, const at::Tensor& weight1,
                             const at::Tensor& bias1, const at::Tensor& weight2,
                             const at::Tensor& bias2) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-    static auto op = op_handle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&)>("charmlp::mlp_cross_entropy_and_grads");
     auto [loss, g_table, g_w1, g_b1, g_w2, g_b2] =
-        op.call(idx, target, table, weight1, bias1, weight2, bias2);
-    ctx->save_for_backward({g_table, g_w1, g_b1, g_w2, g_b2});
+        and_grads_op().call(idx, target, table, weight1, bias1, weight2, bias2);
+    stash_gradients(ctx, {g_table, g_w1, g_b1, g_w2, g_b2});
+    ctx->save_for_backward({idx, target, table, weight1, bias1, weight2, bias2});
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto g = scale_saved_gradients(ctx, grads[0], "mlp_cross_entropy",
-                                         "ops.embed_linear_tanh and a plain PyTorch loss");
+    const auto g = take_scaled_gradients(
+        ctx, grads[0], "mlp_cross_entropy", "ops.embed_linear_tanh and a plain PyTorch loss",
+        [](const variable_list& in) -> std::vector<at::Tensor> {
+          auto [loss, g0, g1, g2, g3, g4] = and_grads_op().call(in[0], in[1], in[2], in[3], in[4],
+                                                                in[5], in[6]);
+          return {g0, g1, g2, g3, g4};
+        });
     return {at::Tensor(), at::Tensor(), g[0], g[1], g[2], g[3], g[4]};
   }
 };

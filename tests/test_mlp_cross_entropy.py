@@ -136,6 +136,28 @@ def test_retained_graph_backward_twice_after_in_place_grad_changes():
         assert_close(p.grad, w)
 
 
+def test_returned_gradients_alias_nothing_autograd_keeps():
+    """torch.autograd.grad hands out the forward's gradients; changing them in place must
+    not change what a second backward through the retained graph returns (recomputed)."""
+    idx, target = _batch(40, 3, 27, seed=19)
+    params = _params(3, 27, 10, 30)
+    loss = ops.mlp_cross_entropy(idx, target, *params)
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    _, want = reference_loss_and_grads(idx, target, params)
+    for g, w in zip(first, want):
+        assert_close(g, w)
+        g.mul_(0)
+    second = torch.autograd.grad(2.0 * loss, params, retain_graph=True)
+    for g, w in zip(second, want):
+        assert_close(g, 2.0 * w)
+    # The recompute reads the parameters saved by the forward: an in-place change since
+    # then is an error, as for any op that saves its inputs.
+    with torch.no_grad():
+        params[3].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, params)
+
+
 def test_only_parameters_that_require_grad_get_one():
     idx, target = _batch(40, 3, 27, seed=5)
     params = _params(3, 27, 10, 30)

@@ -416,6 +416,14 @@ def test_model_fused_matches_unfused_on_cuda():
     idx = torch.randint(0, 27, (32, 3), device=DEV)
     y = torch.randint(0, 27, (32,), device=DEV)
     _close(fused(idx, y)[1], plain(idx, y)[1], torch.float32, "loss")
+    # forward_backward: .grad from mlp_cross_entropy_and_grads, no autograd graph
+    lf = fused.forward_backward(idx, y)
+    plain.zero_grad(set_to_none=True)
+    lp = plain(idx, y, return_logits=False)[1]
+    lp.backward()
+    _close(lf, lp, torch.float32, "forward_backward loss")
+    for (n, a), b in zip(fused.named_parameters(), plain.parameters()):
+        _close(a.grad, b.grad, torch.float32, f"grad {n}")
     for _ in range(3):
         lf = fused.sgd_step(idx, y, 0.1)
         lp = plain.sgd_step(idx, y, 0.1)

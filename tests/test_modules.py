@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import charmlp
 from charmlp import CrossEntropyLoss, EmbedLinearTanh, MLPLanguageModel
 from conftest import assert_close
 
@@ -192,3 +193,33 @@ def test_compiled_model_fullgraph():
     assert_close(loss, ref_loss)
     for a, p in zip(got, model.parameters()):
         assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_loss_module_matches_linear_and_cross_entropy(bias, reduction):
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 27, bias=bias)
+    head = charmlp.LinearCrossEntropyLoss.from_linear(linear, reduction=reduction, label_smoothing=0.1)
+    h = torch.randn(64, 40, requires_grad=True)
+    target = torch.randint(0, 27, (64,))
+    target[::5] = -100
+    loss = head(h, target)
+    ref = F.cross_entropy(linear(h), target, reduction=reduction, label_smoothing=0.1)
+    assert_close(loss, ref)
+    params = [h] + list(head.parameters())
+    ref_params = [h] + list(linear.parameters())
+    w = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    for got, want in zip(torch.autograd.grad(loss, params, w), torch.autograd.grad(ref, ref_params, w)):
+        assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_close(head.logits(h), linear(h))
+    assert "num_classes=27" in repr(head)
+
+
+def test_linear_cross_entropy_loss_module_checks_its_arguments():
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        charmlp.LinearCrossEntropyLoss(8, 0)
+    with pytest.raises(ValueError, match="reduction must be"):
+        charmlp.LinearCrossEntropyLoss(8, 3, reduction="avg")
+    with pytest.raises(TypeError, match="must be an nn.Linear"):
+        charmlp.LinearCrossEntropyLoss.from_linear(nn.Embedding(3, 4))

@@ -8,7 +8,7 @@ registered with the dispatcher (``torch.ops.charmlp.*``), usable under autograd 
 
 from ._extension import build_info, has_cuda_kernels
 from . import ops
-from .modules import CrossEntropyLoss, EmbedLinearTanh
+from .modules import CrossEntropyLoss, EmbedLinearTanh, LinearCrossEntropyLoss
 from .model import MLPLanguageModel
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CrossEntropyLoss",
     "EmbedLinearTanh",
+    "LinearCrossEntropyLoss",
     "MLPLanguageModel",
     "build_info",
     "has_cuda_kernels",

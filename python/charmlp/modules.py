@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["EmbedLinearTanh", "CrossEntropyLoss"]
+__all__ = ["EmbedLinearTanh", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class EmbedLinearTanh(nn.Module):
@@ -135,3 +135,79 @@ class CrossEntropyLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """An output layer and its loss, fused: ``F.cross_entropy(linear(input), target)``.
+
+    Holds the ``nn.Linear(in_features, num_classes, bias)`` parameters (``weight``
+    ``[num_classes, in_features]``, ``bias`` ``[num_classes]`` or None, initialized as
+    ``nn.Linear``'s) and computes the loss with ``ops.linear_cross_entropy``: the
+    ``[B, num_classes]`` logits are never stored, and for ``'mean'``/``'sum'`` the forward
+    computes the gradients of input, weight and bias in the same pass. ``logits(input)``
+    gives the logits when they are wanted (sampling, metrics).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        bias: bool = True,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LinearCrossEntropyLoss: {name} must be a positive int, got {value!r}")
+        ops.reduction_code(reduction)  # validate early
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"LinearCrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(num_classes, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **loss_options) -> "LinearCrossEntropyLoss":
+        """The fused head with a copy of an ``nn.Linear``'s parameters (``loss_options``:
+        reduction, ignore_index, label_smoothing)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                   device=linear.weight.device, dtype=linear.weight.dtype, **loss_options)
+        with torch.no_grad():
+            head.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                head.bias.copy_(linear.bias)
+        return head
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.linear_cross_entropy(input, self.weight, self.bias, target, self.reduction,
+                                        self.ignore_index, self.label_smoothing)
+
+    def logits(self, input: Tensor) -> Tensor:
+        return torch.nn.functional.linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+        )

@@ -608,9 +608,11 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
     say(f"model: block {cfg.block_size}, emb {cfg.emb_dim}, hidden {cfg.hidden}, "
         f"{nparams:,} parameters, {cfg.init} init; {path} on {device}, "
         f"{torch.get_num_threads()} thread(s)" + (f", {d.world_size} DDP processes" if d.enabled else ""))
+    how = ("" if cfg.reference or d.enabled else
+           " (fused step)" if fast_sgd else " (fused loss and gradients, then fused torch.optim)")
     say(f"training: {cfg.steps:,} steps of batch {cfg.batch_size}"
         + (" per process" if d.enabled else "")
-        + f", {cfg.optimizer}{' (fused step)' if fast_sgd else ''}, lr {cfg.lr_schedule} "
+        + f", {cfg.optimizer}{how}, lr {cfg.lr_schedule} "
         f"{cfg.lr:g}" + (f" -> {cfg.lr_final:g}" if cfg.lr_schedule != "constant" else "")
         + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else ""))
 

@@ -325,6 +325,7 @@ def b32_fwd_bwd():
     m = fused_model()
     ps = list(m.parameters())
     put("fwd_bwd_b32_charmlp_us", wall(lambda: torch.autograd.grad(m(X, Y, return_logits=False)[1], ps), 300))
+    put("forward_backward_b32_charmlp_us", wall(lambda: m.forward_backward(X, Y), 300))  # no autograd
     put("fwd_bwd_b32_seed_eager_us", wall(lambda: seed_fwd_bwd(sp, X, Y), 300))
 
 
@@ -346,6 +347,8 @@ def charmlp_fb():
 
 
 guarded("fwd_bwd_full_charmlp", lambda: put("fwd_bwd_full_charmlp_us", events(charmlp_fb)))
+guarded("forward_backward_full_charmlp",
+        lambda: put("forward_backward_full_charmlp_us", events(lambda: mf.forward_backward(X, Y))))
 
 
 def full_graph():

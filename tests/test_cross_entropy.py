@@ -221,3 +221,21 @@ def test_retained_graph_backward_twice_after_in_place_grad_changes():
     logits.grad.zero_()
     loss.backward()
     assert_close(logits.grad, want)
+
+
+@pytest.mark.parametrize("V", [2, 27, 1000])
+def test_lse_is_accurate_over_the_range_of_sums_and_propagates_nan(V):
+    """The forward takes the rows' logs together with a vectorized log (vec_math.h): its
+    error is a few float32 ulp over every sum of exps from 1 (one dominant logit) to V."""
+    g = torch.Generator().manual_seed(V)
+    spread = torch.logspace(-3, 2, 64).unsqueeze(1)  # from nearly equal logits to one dominant
+    logits = torch.randn(64, V, generator=g, dtype=torch.float64) * spread
+    target = torch.randint(0, V, (64,), generator=g)
+    logits[5, 0] = float("nan")
+    loss, lse = torch.ops.charmlp.cross_entropy(logits.float(), target, 0, -100, 0.0)
+    ref_lse = torch.logsumexp(logits.float().double(), dim=1)
+    assert torch.isnan(lse[5]) and torch.isnan(loss[5])
+    keep = torch.arange(64) != 5
+    torch.testing.assert_close(lse[keep].double(), ref_lse[keep], rtol=1e-6, atol=1e-6)
+    ref_loss = F.cross_entropy(logits.float().double(), target, reduction="none")
+    torch.testing.assert_close(loss[keep].double(), ref_loss[keep], rtol=1e-5, atol=1e-5)

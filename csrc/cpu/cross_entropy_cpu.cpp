@@ -32,16 +32,24 @@ namespace charmlp {
 namespace {
 constexpr int64_t kRowGrain = 256;
 
-// x B x V, target B -> lse B and per-row loss B (0 for ignored rows).
+// x B x V, target B -> lse B and per-row loss B (0 for ignored rows). Rows go in
+// blocks of kVectorLanes so that their logs are one vector fast_log.
 template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, const int64_t* target, acc_t* lse, acc_t* loss, int64_t B,
                   int64_t V, int64_t ignore_index, acc_t eps) {
   at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* row = x + b * V;
-      lse[b] = row_logsumexp<scalar_t, acc_t>(row, V);
-      const int64_t t = target[b];
-      loss[b] = t == ignore_index ? acc_t(0) : row_loss<scalar_t, acc_t>(row, V, t, lse[b], eps);
+    for (int64_t r0 = b0; r0 < b1; r0 += kVectorLanes) {
+      const int64_t n = std::min<int64_t>(kVectorLanes, b1 - r0);
+      acc_t s[kVectorLanes];
+      for (int64_t r = 0; r < n; ++r) {
+        s[r] = row_sumexp<scalar_t, acc_t>(x + (r0 + r) * V, V, lse + r0 + r);  // lse <- max
+      }
+      finish_logsumexp<acc_t>(n, lse + r0, s);
+      for (int64_t b = r0; b < r0 + n; ++b) {
+        const int64_t t = target[b];
+        loss[b] = t == ignore_index ? acc_t(0)
+                                    : row_loss<scalar_t, acc_t>(x + b * V, V, t, lse[b], eps);
+      }
     }
   });
 }

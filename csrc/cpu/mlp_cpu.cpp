@@ -202,7 +202,7 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
       if constexpr (!kBackward) {
         if (ctx) {
           output_loss_counts<T>(n, V, logits, ctx->targets.data() + c0 * V, ctx->rows.data() + c0,
-                                loss);
+                                lse, loss);
         } else {
           output_loss_rows<T>(n, V, logits, target + c0, kIgnoreIndex, T(0), lse, loss);
         }

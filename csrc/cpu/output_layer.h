@@ -44,10 +44,11 @@ template <typename T>
 inline void output_loss_rows(int64_t n, int64_t V, const T* logits, const int64_t* target,
                              int64_t ignore_index, T eps, T* lse, T* loss) {
   const int64_t Vp = padded_cols<T>(V);
+  for (int64_t r = 0; r < n; ++r) loss[r] = row_sumexp<T, T>(logits + r * Vp, V, lse + r);
+  finish_logsumexp<T>(n, lse, loss);
   for (int64_t r = 0; r < n; ++r) {
-    const T* row = logits + r * Vp;
-    lse[r] = row_logsumexp<T, T>(row, V);
-    loss[r] = target[r] == ignore_index ? T(0) : row_loss<T, T>(row, V, target[r], lse[r], eps);
+    loss[r] = target[r] == ignore_index ? T(0)
+                                        : row_loss<T, T>(logits + r * Vp, V, target[r], lse[r], eps);
   }
 }
 
@@ -100,17 +101,20 @@ inline void output_loss_and_dlogits_counts(int64_t n, int64_t V, T* logits, cons
 // Loss only, for deduplicated rows (mlp_cross_entropy without gradients): row r
 // stands for rows[r] rows with these logits and the target histogram counts [n, V];
 // loss[r] = rows[r] lse - sum_v counts[v] x[v], their summed loss.
+// lse is [n] scratch.
 template <typename T>
 inline void output_loss_counts(int64_t n, int64_t V, const T* logits, const T* counts,
-                               const T* rows, T* loss) {
+                               const T* rows, T* lse, T* loss) {
   const int64_t Vp = padded_cols<T>(V);
+  for (int64_t r = 0; r < n; ++r) loss[r] = row_sumexp<T, T>(logits + r * Vp, V, lse + r);
+  finish_logsumexp<T>(n, lse, loss);
   for (int64_t r = 0; r < n; ++r) {
     const T* x = logits + r * Vp;
     const T* c = counts + r * V;
     T dot = 0;
 #pragma omp simd reduction(+ : dot)
     for (int64_t v = 0; v < V; ++v) dot += c[v] * x[v];
-    loss[r] = rows[r] == T(0) ? T(0) : rows[r] * row_logsumexp<T, T>(x, V) - dot;
+    loss[r] = rows[r] == T(0) ? T(0) : rows[r] * lse[r] - dot;
   }
 }
 

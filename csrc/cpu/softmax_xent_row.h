@@ -78,10 +78,12 @@ inline acc_t row_max(const scalar_t* x, int64_t V) {
   return max_lanes(lane_max);
 }
 
-// x: V logits (any float type); returns log-sum-exp in acc_t.
+// x: V logits (any float type); returns sum_v exp(x_v - m) in acc_t and sets *m_out = m
+// (lse = m + log of it: callers that handle many rows take the logs together, fast_log).
 template <typename scalar_t, typename acc_t>
-inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
+inline acc_t row_sumexp(const scalar_t* x, int64_t V, acc_t* m_out) {
   const acc_t m = row_max<scalar_t, acc_t>(x, V);
+  *m_out = m;
   acc_t lane_sum[kVectorLanes] = {};
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
@@ -91,7 +93,23 @@ inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
       lane_sum[j] += in_row ? e : acc_t(0);
     }
   }
-  return m + std::log(sum_lanes(lane_sum));
+  return sum_lanes(lane_sum);
+}
+
+// lse[r] = m_r + log(s_r) for rows whose max m and sum of exps s are in lse and s:
+// one vectorized log for a block of rows (fast_log) instead of a libm call per row.
+template <typename T>
+inline void finish_logsumexp(int64_t n, T* lse, const T* s) {
+#pragma omp simd
+  for (int64_t r = 0; r < n; ++r) lse[r] += fast_log<T>(s[r]);
+}
+
+// x: V logits (any float type); returns log-sum-exp in acc_t.
+template <typename scalar_t, typename acc_t>
+inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
+  acc_t m;
+  const acc_t s = row_sumexp<scalar_t, acc_t>(x, V, &m);
+  return m + std::log(s);
 }
 
 // Loss of one row given its lse (label smoothing folded in).

@@ -294,7 +294,7 @@ struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntrop
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto g = take_scaled_gradients(
-        ctx, grads[0], "mlp_cross_entropy", "ops.embed_linear_tanh and a plain PyTorch loss",
+        ctx, grads[0], "mlp_cross_entropy", "plain PyTorch ops (MLPLanguageModel(fused=False))",
         [](const variable_list& in) -> std::vector<at::Tensor> {
           auto [loss, g0, g1, g2, g3, g4] = and_grads_op().call(in[0], in[1], in[2], in[3], in[4],
                                                                 in[5], in[6]);

@@ -28,6 +28,49 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// The options every cross-entropy node keeps for its backward.
+struct LossOptions {
+  int64_t reduction, ignore_index;
+  double label_smoothing;
+};
+
+void save_loss_options(AutogradContext* ctx, const LossOptions& o) {
+  ctx->saved_data["reduction"] = o.reduction;
+  ctx->saved_data["ignore_index"] = o.ignore_index;
+  ctx->saved_data["label_smoothing"] = o.label_smoothing;
+}
+
+LossOptions loss_options(AutogradContext* ctx) {
+  return {ctx->saved_data["reduction"].toInt(), ctx->saved_data["ignore_index"].toInt(),
+          ctx->saved_data["label_smoothing"].toDouble()};
+}
+
+// The *_and_grads ops, called by the autograd forwards and, for a second backward, again.
+using CrossEntropyAndGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
+c10::TypedOperatorHandle<CrossEntropyAndGrads>& cross_entropy_and_grads_op() {
+  static auto op = op_handle<CrossEntropyAndGrads>("charmlp::cross_entropy_and_grads");
+  return op;
+}
+
+using LinearCrossEntropyAndGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+        int64_t, int64_t, double);
+c10::TypedOperatorHandle<LinearCrossEntropyAndGrads>& linear_cross_entropy_and_grads_op() {
+  static auto op = op_handle<LinearCrossEntropyAndGrads>("charmlp::linear_cross_entropy_and_grads");
+  return op;
+}
+
+using MlpCrossEntropyAndGrads =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&);
+c10::TypedOperatorHandle<MlpCrossEntropyAndGrads>& mlp_cross_entropy_and_grads_op() {
+  static auto op = op_handle<MlpCrossEntropyAndGrads>("charmlp::mlp_cross_entropy_and_grads");
+  return op;
+}
+
 // embed_linear_tanh: saves idx, table, weight and the output (tanh' = 1 - out^2).
 struct EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTanhFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& idx, const at::Tensor& table,
@@ -113,9 +156,7 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
                                                       int64_t, double)>("charmlp::cross_entropy");
     auto [loss, lse] = op.call(logits, target, reduction, ignore_index, label_smoothing);
     ctx->save_for_backward({logits, target, lse});
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -126,10 +167,9 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
                              const at::Tensor&, int64_t, int64_t, double)>(
             "charmlp::cross_entropy_backward");
     const auto saved = ctx->get_saved_variables();
-    at::Tensor grad_logits =
-        op.call(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["reduction"].toInt(),
-                ctx->saved_data["ignore_index"].toInt(),
-                ctx->saved_data["label_smoothing"].toDouble());
+    const LossOptions o = loss_options(ctx);
+    at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], o.reduction,
+                                     o.ignore_index, o.label_smoothing);
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -144,16 +184,11 @@ struct CrossEntropyGradsInForwardFunction
                                const at::Tensor& target, int64_t reduction, int64_t ignore_index,
                                double label_smoothing) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>(
-        "charmlp::cross_entropy_and_grads");
-    auto [loss, lse, grad_logits] =
-        op.call(logits, target, reduction, ignore_index, label_smoothing);
+    auto [loss, lse, grad_logits] = cross_entropy_and_grads_op().call(
+        logits, target, reduction, ignore_index, label_smoothing);
     stash_gradients(ctx, {grad_logits});
     ctx->save_for_backward({logits, target});  // for a second backward only
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -162,12 +197,9 @@ struct CrossEntropyGradsInForwardFunction
     const auto g = take_scaled_gradients(
         ctx, grads[0], "cross_entropy (mean or sum)", "F.cross_entropy",
         [ctx](const variable_list& in) -> std::vector<at::Tensor> {
-          static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>(
-              "charmlp::cross_entropy_and_grads");
-          return {std::get<2>(op.call(in[0], in[1], ctx->saved_data["reduction"].toInt(),
-                                      ctx->saved_data["ignore_index"].toInt(),
-                                      ctx->saved_data["label_smoothing"].toDouble()))};
+          const LossOptions o = loss_options(ctx);
+          return {std::get<2>(cross_entropy_and_grads_op().call(
+              in[0], in[1], o.reduction, o.ignore_index, o.label_smoothing))};
         });
     return {g[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -189,9 +221,7 @@ struct LinearCrossEntropyFunction
         op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing);
     ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()), target, lse});
     ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -205,10 +235,10 @@ struct LinearCrossEntropyFunction
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::optional<at::Tensor> bias =
         has_bias ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const LossOptions o = loss_options(ctx);
     auto [grad_input, grad_weight, grad_bias] =
-        op.call(grads[0], saved[0], saved[1], bias, saved[3], saved[4],
-                ctx->saved_data["reduction"].toInt(), ctx->saved_data["ignore_index"].toInt(),
-                ctx->saved_data["label_smoothing"].toDouble());
+        op.call(grads[0], saved[0], saved[1], bias, saved[3], saved[4], o.reduction,
+                o.ignore_index, o.label_smoothing);
     return {grad_input,   grad_weight,  has_bias ? grad_bias : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
@@ -228,17 +258,12 @@ struct LinearCrossEntropyGradsInForwardFunction
                                const at::Tensor& target, int64_t reduction, int64_t ignore_index,
                                double label_smoothing) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-        int64_t, int64_t, double)>("charmlp::linear_cross_entropy_and_grads");
-    auto [loss, lse, grad_input, grad_weight, grad_bias] =
-        op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing);
+    auto [loss, lse, grad_input, grad_weight, grad_bias] = linear_cross_entropy_and_grads_op().call(
+        input, weight, bias, target, reduction, ignore_index, label_smoothing);
     stash_gradients(ctx, {grad_input, grad_weight, grad_bias});
     ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()), target});
     ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -248,15 +273,10 @@ struct LinearCrossEntropyGradsInForwardFunction
     const auto g = take_scaled_gradients(
         ctx, grads[0], "linear_cross_entropy (mean or sum)", "F.linear and F.cross_entropy",
         [ctx, has_bias](const variable_list& in) -> std::vector<at::Tensor> {
-          static auto op =
-              op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                  const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                  const at::Tensor&, int64_t, int64_t, double)>(
-                  "charmlp::linear_cross_entropy_and_grads");
-          auto out = op.call(in[0], in[1], has_bias ? std::optional<at::Tensor>(in[2]) : std::nullopt,
-                             in[3], ctx->saved_data["reduction"].toInt(),
-                             ctx->saved_data["ignore_index"].toInt(),
-                             ctx->saved_data["label_smoothing"].toDouble());
+          const LossOptions o = loss_options(ctx);
+          auto out = linear_cross_entropy_and_grads_op().call(
+              in[0], in[1], has_bias ? std::optional<at::Tensor>(in[2]) : std::nullopt, in[3],
+              o.reduction, o.ignore_index, o.label_smoothing);
           return {std::get<2>(out), std::get<3>(out), std::get<4>(out)};
         });
     return {g[0],         g[1],         has_bias ? g[2] : at::Tensor(), at::Tensor(),
@@ -269,24 +289,13 @@ struct LinearCrossEntropyGradsInForwardFunction
 // hands them over, scaled by grad_loss. The saved gradients are parameter-sized, smaller than
 // the [B, H] activations a two-pass backward would keep.
 struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntropyFunction> {
-  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static c10::TypedOperatorHandle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const at::Tensor&)>&
-  and_grads_op() {
-    static auto op = op_handle<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const at::Tensor&)>("charmlp::mlp_cross_entropy_and_grads");
-    return op;
-  }
-
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& idx, const at::Tensor& target,
                             const at::Tensor& table, const at::Tensor& weight1,
                             const at::Tensor& bias1, const at::Tensor& weight2,
                             const at::Tensor& bias2) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, g_table, g_w1, g_b1, g_w2, g_b2] =
-        and_grads_op().call(idx, target, table, weight1, bias1, weight2, bias2);
+        mlp_cross_entropy_and_grads_op().call(idx, target, table, weight1, bias1, weight2, bias2);
     stash_gradients(ctx, {g_table, g_w1, g_b1, g_w2, g_b2});
     ctx->save_for_backward({idx, target, table, weight1, bias1, weight2, bias2});
     return loss;
@@ -296,8 +305,8 @@ struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntrop
     const auto g = take_scaled_gradients(
         ctx, grads[0], "mlp_cross_entropy", "plain PyTorch ops (MLPLanguageModel(fused=False))",
         [](const variable_list& in) -> std::vector<at::Tensor> {
-          auto [loss, g0, g1, g2, g3, g4] = and_grads_op().call(in[0], in[1], in[2], in[3], in[4],
-                                                                in[5], in[6]);
+          auto [loss, g0, g1, g2, g3, g4] = mlp_cross_entropy_and_grads_op().call(
+              in[0], in[1], in[2], in[3], in[4], in[5], in[6]);
           return {g0, g1, g2, g3, g4};
         });
     return {at::Tensor(), at::Tensor(), g[0], g[1], g[2], g[3], g[4]};

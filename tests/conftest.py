@@ -36,6 +36,14 @@ def embed_algorithm(request):
     _C._set_embed_algorithm("auto")
 
 
+@pytest.fixture(params=[True, False], ids=["grouped", "ungrouped"])
+def context_grouping(request):
+    """Runs a test with the CPU whole-model kernels' context grouping on and off (restored after)."""
+    _C._set_context_grouping(request.param)
+    yield request.param
+    _C._set_context_grouping(True)
+
+
 @pytest.fixture
 def names_path():
     if not NAMES_TXT.exists():

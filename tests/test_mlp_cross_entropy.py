@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import charmlp
-from charmlp import _C, ops
+from charmlp import ops
 from conftest import assert_close
 
 P = torch.ops.charmlp
@@ -66,13 +66,6 @@ def _check(got_loss, got_grads, want_loss, want_grads, dtype):
     for got, want in zip(got_grads, want_grads):
         assert got.shape == want.shape and got.dtype == dtype
         assert_close(got, want)
-
-
-@pytest.fixture(params=[True, False], ids=["grouped", "ungrouped"])
-def context_grouping(request):
-    _C._set_context_grouping(request.param)
-    yield request.param
-    _C._set_context_grouping(True)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charmlp import _C, ops
+from charmlp import ops
 from conftest import assert_close
 
 # (B, T, V, E, H)
@@ -65,14 +65,6 @@ def test_float64_is_exact_to_rounding():
 # (B, T, V, E, H, distinct contexts drawn from).
 REPEATED = [(3000, 2, 6, 3, 20, 36), (4000, 3, 5, 4, 33, 125), (2000, 1, 27, 10, 200, 27),
             (20000, 3, 27, 10, 200, 300)]
-
-
-@pytest.fixture(params=[True, False], ids=["grouped", "ungrouped"])
-def context_grouping(request):
-    """Runs a test with the CPU step's context grouping on and off (restored afterwards)."""
-    _C._set_context_grouping(request.param)
-    yield request.param
-    _C._set_context_grouping(True)
 
 
 @pytest.mark.parametrize("shape", REPEATED, ids=str)

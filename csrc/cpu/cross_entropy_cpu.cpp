@@ -93,6 +93,10 @@ int64_t count_targets_cpu(const at::Tensor& target64, int64_t ignore_index) {
   return count;
 }
 
+int64_t mean_count_cpu(const at::Tensor& target64, int64_t reduction, int64_t ignore_index) {
+  return reduction == at::Reduction::Mean ? count_targets_cpu(target64, ignore_index) : 0;
+}
+
 // Plain loops rather than ATen ops: at small batches each ATen call costs more
 // than the whole reduction. The sum is sequential in double, so deterministic.
 at::Tensor reduce_row_losses(const at::Tensor& row_loss, int64_t reduction, int64_t count,
@@ -125,8 +129,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits,
                                   lse.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>(),
                                   B, V, ignore_index, static_cast<acc_t>(label_smoothing));
   });
-  const int64_t count =
-      reduction == at::Reduction::Mean ? count_targets_cpu(target64, ignore_index) : 0;
+  const int64_t count = mean_count_cpu(target64, reduction, ignore_index);
   return {reduce_row_losses(row_loss, reduction, count, logits.scalar_type()), lse};
 }
 
@@ -144,7 +147,9 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor grad = at::empty({B, V}, logits.options());
   if (B == 0) return grad;
-  const at::Tensor scales = row_grad_scales(grad_loss, target64, reduction, ignore_index, acc_dtype);
+  const at::Tensor scales =
+      row_grad_scales(grad_loss, target64, reduction, ignore_index,
+                      mean_count_cpu(target64, reduction, ignore_index), acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
                                   "cross_entropy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -180,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cpu(
   at::Tensor lse = at::empty({B}, logits.options().dtype(acc_dtype));
   at::Tensor row_loss = at::empty({B}, lse.options());
   at::Tensor grad = at::empty({B, V}, logits.options());
-  // d(loss)/d(row loss): the backward's scales for a grad_loss of 1.
+  const int64_t count = mean_count_cpu(target64, reduction, ignore_index);
   const at::Tensor scales =
-      row_grad_scales(at::ones({}, lse.options()), target64, reduction, ignore_index, acc_dtype);
+      row_grad_scales(at::Tensor(), target64, reduction, ignore_index, count, acc_dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
                                   "cross_entropy_and_grads_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -192,28 +197,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cpu(
         row_loss.mutable_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>(), B, V, ignore_index,
         static_cast<acc_t>(label_smoothing));
   });
-  const int64_t count =
-      reduction == at::Reduction::Mean ? count_targets_cpu(target64, ignore_index) : 0;
   return {reduce_row_losses(row_loss, reduction, count, logits.scalar_type()), lse, grad};
 }
 
 // Per-row gradient scale [B] in acc dtype: 0 for ignored rows.
 at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target64,
-                           int64_t reduction, int64_t ignore_index, at::ScalarType acc_dtype) {
+                           int64_t reduction, int64_t ignore_index, int64_t count,
+                           at::ScalarType acc_dtype) {
   const int64_t B = target64.numel();
   at::Tensor scales = at::empty({B}, target64.options().dtype(acc_dtype));
-  const at::Tensor g = grad_loss.to(acc_dtype).contiguous();
+  const at::Tensor g = grad_loss.defined() ? grad_loss.to(acc_dtype).contiguous() : at::Tensor();
   const int64_t* t = target64.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "row_grad_scales", [&] {
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* sp = scales.mutable_data_ptr<scalar_t>();
-    scalar_t uniform = reduction == at::Reduction::None ? scalar_t(0) : gp[0];
+    scalar_t uniform = reduction == at::Reduction::None ? scalar_t(0) : (gp ? gp[0] : scalar_t(1));
     if (reduction == at::Reduction::Mean) {
-      const int64_t count = count_targets_cpu(target64, ignore_index);
       uniform = count > 0 ? uniform / static_cast<scalar_t>(count) : scalar_t(0);
     }
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t s = reduction == at::Reduction::None ? gp[b] : uniform;
+      const scalar_t s = reduction != at::Reduction::None ? uniform : (gp ? gp[b] : scalar_t(1));
       sp[b] = t[b] == ignore_index ? scalar_t(0) : s;
     }
   });

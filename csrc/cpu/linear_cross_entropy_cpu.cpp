@@ -120,8 +120,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
     forward_impl<scalar_t>(in, ignore_index, static_cast<scalar_t>(label_smoothing),
                            lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>());
   });
-  const int64_t count =
-      reduction == at::Reduction::Mean ? count_targets_cpu(in.target, ignore_index) : 0;
+  const int64_t count = mean_count_cpu(in.target, reduction, ignore_index);
   return {reduce_row_losses(row_loss, reduction, count, input.scalar_type()), lse};
 }
 
@@ -135,7 +134,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   check_saved_lse(lse, input, "input");
   check_grad_loss(grad_loss, reduction, B);
   const Inputs in = prepare(input, weight, bias, target, ignore_index);
-  const at::Tensor scale = row_grad_scales(grad_loss, in.target, reduction, ignore_index, acc);
+  const at::Tensor scale =
+      row_grad_scales(grad_loss, in.target, reduction, ignore_index,
+                      mean_count_cpu(in.target, reduction, ignore_index), acc);
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
   at::Tensor grad_weight = at::empty({V, H}, in.input.options());
@@ -161,9 +162,9 @@ linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& we
   const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
   const auto acc = at::toOpMathType(input.scalar_type());
   const Inputs in = prepare(input, weight, bias, target, ignore_index);
-  // d(loss)/d(row loss): the backward's scales for a grad_loss of 1.
+  const int64_t count = mean_count_cpu(in.target, reduction, ignore_index);
   const at::Tensor scale =
-      row_grad_scales(at::ones({}, in.input.options()), in.target, reduction, ignore_index, acc);
+      row_grad_scales(at::Tensor(), in.target, reduction, ignore_index, count, acc);
   at::Tensor lse = at::empty({B}, in.input.options());
   at::Tensor row_loss = at::empty({B}, in.input.options());
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
@@ -176,8 +177,6 @@ linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& we
         grad_input.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
         grad_bias.mutable_data_ptr<scalar_t>());
   });
-  const int64_t count =
-      reduction == at::Reduction::Mean ? count_targets_cpu(in.target, ignore_index) : 0;
   const auto dtype = input.scalar_type();
   return {reduce_row_losses(row_loss, reduction, count, dtype), lse, grad_input.to(dtype),
           grad_weight.to(dtype), grad_bias.to(dtype)};

@@ -12,6 +12,14 @@ from . import ops
 __all__ = ["EmbedLinearTanh", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
+def _init_like_linear(weight: Tensor, bias: Tensor | None) -> None:
+    """``nn.Linear.reset_parameters``: Kaiming-uniform weight, bias U(-1/sqrt(fan_in), ...)."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1.0 / math.sqrt(weight.shape[1])
+        nn.init.uniform_(bias, -bound, bound)
+
+
 class EmbedLinearTanh(nn.Module):
     """Embedding -> flatten -> linear -> tanh, fused: ``[B, T]`` ids -> ``[B, hidden]``.
 
@@ -62,10 +70,7 @@ class EmbedLinearTanh(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.table)
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.weight.shape[1])
-            nn.init.uniform_(self.bias, -bound, bound)
+        _init_like_linear(self.weight, self.bias)
 
     @classmethod
     def from_modules(cls, embedding: nn.Embedding, linear: nn.Linear) -> "EmbedLinearTanh":
@@ -180,10 +185,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        _init_like_linear(self.weight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **loss_options) -> "LinearCrossEntropyLoss":

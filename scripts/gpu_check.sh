@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine (the H200 lent by the `device` tool):
 # builds charmlp with its CUDA kernels, runs the CUDA tests and the CUDA benchmarks,
-# and leaves every log and result under $OUT. Sized to finish inside ~9 minutes
+# and leaves every log and result under $OUT. Sized to finish inside 8 minutes
 # (CHARMLP_GPU_DEADLINE): every phase gets a timeout from what is left, so the
 # summary is always written, and nothing can hang past the deadline.
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh          # device tool: run(command="bash scripts/gpu_check.sh", timeout_s=590)
+#   OUT=/some/dir bash scripts/gpu_check.sh          # device tool: run(command="bash scripts/gpu_check.sh", timeout_s=540)
 #
 # Expects on that machine: torch (CUDA build), nvcc, cmake, ninja, pybind11,
 # scikit-build-core, pytest; no internet (nothing is downloaded). On the lent H200,
@@ -24,7 +24,8 @@
 #   artifacts.tar.gz   all of the above plus junit XML, results.json, plots
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default: the GPU's own arch, e.g. 9.0 on an H200),
-# PYTHON (default python3), CHARMLP_GPU_DEADLINE (s from start, default 540),
+# PYTHON (default python3), CHARMLP_GPU_DEADLINE (s from start, default 480: with a
+# machine start of 1-2 min it leaves ~4 min of the 15 for a rerun on the warm machine),
 # CHARMLP_GPU_NO_BENCH=1 (tests only).
 # Exit status: 0 when the build and every CUDA test passed (benchmarks never fail it).
 set -uo pipefail
@@ -32,7 +33,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$ROOT/build/gpu_out}"
 PYTHON="${PYTHON:-python3}"
-DEADLINE="${CHARMLP_GPU_DEADLINE:-540}"
+DEADLINE="${CHARMLP_GPU_DEADLINE:-480}"
 WORK="$(mktemp -d /tmp/charmlp-gpu-check.XXXXXX)"
 mkdir -p "$OUT"
 cd "$ROOT"
@@ -125,7 +126,7 @@ log "built in $(( $(date +%s) - build_start ))s: $(grep -m1 "^{'torch_version'" 
 # kernel poisons the context for the rest of the process) costs only its own group -------
 TEST_GROUPS=(  # name|pytest -k expression ("GROUPS" is a bash builtin variable: not that name)
   "elt|embed_linear_tanh and not gradcheck and not opcheck"
-  "ce|cross_entropy and not linear and not gradcheck and not opcheck"
+  "ce|cross_entropy and not linear and not mlp and not gradcheck and not opcheck"
   "lce|linear_cross_entropy and not deterministic and not gradcheck and not opcheck"
   "step|mlp_sgd_step or mlp_cross_entropy or model_fused or empty_batches or large_logits"
   "checks|gradcheck or opcheck"

@@ -11,7 +11,7 @@
 // the probabilities from it while writing the gradient.
 // cross_entropy_and_grads (a scalar loss; what autograd runs when a gradient is
 // needed): the row scales are known up front, so one pass per row computes lse,
-// the loss and the gradient from the same exps (row_loss_and_grad).
+// the loss and the gradient from the same exps (row_grad_and_partial_loss).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -54,7 +54,8 @@ void forward_rows(const scalar_t* x, const int64_t* target, acc_t* lse, acc_t* l
   });
 }
 // x B x V, target B, scale B (0 for ignored rows) -> lse B, per-row loss B and the
-// gradient B x V (in grad's dtype), from one exp per logit.
+// gradient B x V (in grad's dtype), from one exp per logit; rows in blocks of
+// kVectorLanes for their logs like forward_rows.
 template <typename scalar_t, typename acc_t>
 void forward_backward_rows(const scalar_t* x, const int64_t* target, const acc_t* scale,
                            acc_t* lse, acc_t* loss, scalar_t* grad, int64_t B, int64_t V,
@@ -64,23 +65,30 @@ void forward_backward_rows(const scalar_t* x, const int64_t* target, const acc_t
     // acc_t row.
     acc_t* work = std::is_same_v<scalar_t, acc_t> ? nullptr
                                                   : thread_scratch<acc_t>(Scratch::kChunkC, V);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* row = x + b * V;
-      scalar_t* g = grad + b * V;
-      const int64_t t = target[b];
-      if (t == ignore_index) {
-        lse[b] = row_logsumexp<scalar_t, acc_t>(row, V);
-        loss[b] = acc_t(0);
-        std::fill_n(g, V, scalar_t(0));
-        continue;
+    for (int64_t r0 = b0; r0 < b1; r0 += kVectorLanes) {
+      const int64_t n = std::min<int64_t>(kVectorLanes, b1 - r0);
+      acc_t s[kVectorLanes];
+      bool ignored[kVectorLanes];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = r0 + i;
+        const scalar_t* row = x + b * V;
+        scalar_t* g = grad + b * V;
+        const int64_t t = target[b];
+        ignored[i] = t == ignore_index;
+        if (ignored[i]) {
+          s[i] = row_sumexp<scalar_t, acc_t>(row, V, lse + b);
+          loss[b] = acc_t(0);
+          std::fill_n(g, V, scalar_t(0));
+        } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          s[i] = row_grad_and_partial_loss<acc_t>(row, g, V, t, eps, scale[b], lse + b, loss + b);
+        } else {
+          for (int64_t v = 0; v < V; ++v) work[v] = static_cast<acc_t>(row[v]);
+          s[i] = row_grad_and_partial_loss<acc_t>(work, work, V, t, eps, scale[b], lse + b,
+                                                  loss + b);
+          for (int64_t v = 0; v < V; ++v) g[v] = static_cast<scalar_t>(work[v]);
+        }
       }
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        loss[b] = row_loss_and_grad<acc_t>(row, g, V, t, eps, scale[b], lse + b);
-      } else {
-        for (int64_t v = 0; v < V; ++v) work[v] = static_cast<acc_t>(row[v]);
-        loss[b] = row_loss_and_grad<acc_t>(work, work, V, t, eps, scale[b], lse + b);
-        for (int64_t v = 0; v < V; ++v) g[v] = static_cast<scalar_t>(work[v]);
-      }
+      finish_row_losses<acc_t>(n, s, /*weight=*/nullptr, ignored, lse + r0, loss + r0);
     }
   });
 }

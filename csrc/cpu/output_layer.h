@@ -13,6 +13,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -67,21 +68,31 @@ inline void output_dlogits(int64_t n, int64_t V, T* logits, const int64_t* targe
   }
 }
 
-// output_loss_rows then output_dlogits in one pass per row (row_loss_and_grad), for
-// callers that know the gradient scales before the forward: one exp per logit.
+// output_loss_rows then output_dlogits in one pass per row (row_grad_and_partial_loss),
+// for callers that know the gradient scales before the forward: one exp per logit,
+// and one vector log per kVectorLanes rows.
 template <typename T>
 inline void output_loss_and_dlogits(int64_t n, int64_t V, T* logits, const int64_t* target,
                                     int64_t ignore_index, T eps, const T* scale, T* lse, T* loss) {
   const int64_t Vp = padded_cols<T>(V);
-  for (int64_t r = 0; r < n; ++r) {
-    T* row = logits + r * Vp;
-    if (target[r] == ignore_index) {
-      lse[r] = row_logsumexp<T, T>(row, V);
-      loss[r] = T(0);
-      std::fill_n(row, V, T(0));
-    } else {
-      loss[r] = row_loss_and_grad<T>(row, row, V, target[r], eps, scale[r], lse + r);
+  for (int64_t r0 = 0; r0 < n; r0 += kVectorLanes) {
+    const int64_t rows = std::min<int64_t>(kVectorLanes, n - r0);
+    T s[kVectorLanes];
+    bool ignored[kVectorLanes];
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t r = r0 + i;
+      T* row = logits + r * Vp;
+      ignored[i] = target[r] == ignore_index;
+      if (ignored[i]) {
+        s[i] = row_sumexp<T, T>(row, V, lse + r);
+        loss[r] = T(0);
+        std::fill_n(row, V, T(0));
+      } else {
+        s[i] = row_grad_and_partial_loss<T>(row, row, V, target[r], eps, scale[r], lse + r,
+                                            loss + r);
+      }
     }
+    finish_row_losses<T>(rows, s, /*weight=*/nullptr, ignored, lse + r0, loss + r0);
   }
 }
 
@@ -92,9 +103,15 @@ template <typename T>
 inline void output_loss_and_dlogits_counts(int64_t n, int64_t V, T* logits, const T* counts,
                                            const T* rows, T scale, T* lse, T* loss) {
   const int64_t Vp = padded_cols<T>(V);
-  for (int64_t r = 0; r < n; ++r) {
-    loss[r] = row_loss_and_grad_counts<T>(logits + r * Vp, V, counts + r * V, rows[r], scale,
-                                          lse + r);
+  for (int64_t r0 = 0; r0 < n; r0 += kVectorLanes) {
+    const int64_t block = std::min<int64_t>(kVectorLanes, n - r0);
+    T s[kVectorLanes];
+    for (int64_t i = 0; i < block; ++i) {
+      const int64_t r = r0 + i;
+      s[i] = row_grad_and_partial_loss_counts<T>(logits + r * Vp, V, counts + r * V, rows[r],
+                                                 scale, lse + r, loss + r);
+    }
+    finish_row_losses<T>(block, s, rows + r0, /*skip=*/nullptr, lse + r0, loss + r0);
   }
 }
 

@@ -166,17 +166,20 @@ inline acc_t row_exp(const acc_t* x, acc_t* y, int64_t V, acc_t* m_out) {
 }
 
 // Loss and gradient of one row in one pass over its exps, for callers that know the
-// row's gradient scale before the forward (mlp_sgd_step): the exp(x - m) summed for
-// lse are kept and normalized into the softmax, one exp per logit instead of the
-// two of row_logsumexp + row_grad. x: the V logits; g: the gradient (g may be x, in
-// place; a separate g spares the caller a copy). Returns the loss; *lse_out = lse.
+// row's gradient scale before the forward (mlp_sgd_step, the *_and_grads ops): the
+// exp(x - m) summed for lse are kept and normalized into the softmax, one exp per
+// logit instead of the two of row_logsumexp + row_grad. x: the V logits; g: the
+// gradient (g may be x, in place; a separate g spares the caller a copy).
+// The gradient needs 1 / s, not lse, so the log is left to the caller, which takes
+// it for a block of rows at once (finish_row_losses: one vector log instead of a
+// libm call per row). Returns s = sum_v exp(x_v - m); sets *m_out = m and
+// *partial_loss = loss - lse = -(1 - eps) x_t - (eps / V) sum_v x_v.
 template <typename acc_t>
-inline acc_t row_loss_and_grad(const acc_t* x, acc_t* g, int64_t V, int64_t target, acc_t eps,
-                               acc_t scale, acc_t* lse_out) {
-  const acc_t loss_without_lse = row_loss<acc_t, acc_t>(x, V, target, acc_t(0), eps);
-  acc_t m;
-  const acc_t s = row_exp<acc_t>(x, g, V, &m);
-  const acc_t lse = m + std::log(s);
+inline acc_t row_grad_and_partial_loss(const acc_t* x, acc_t* g, int64_t V, int64_t target,
+                                       acc_t eps, acc_t scale, acc_t* m_out,
+                                       acc_t* partial_loss) {
+  *partial_loss = row_loss<acc_t, acc_t>(x, V, target, acc_t(0), eps);
+  const acc_t s = row_exp<acc_t>(x, g, V, m_out);
   const acc_t p_scale = scale / s, smooth = scale * eps / static_cast<acc_t>(V);
   const acc_t hit = scale * (acc_t(1) - eps);
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
@@ -186,18 +189,18 @@ inline acc_t row_loss_and_grad(const acc_t* x, acc_t* g, int64_t V, int64_t targ
       if (v < V) g[v] = g[v] * p_scale - smooth - (v == target ? hit : acc_t(0));
     }
   }
-  *lse_out = lse;
-  return lse + loss_without_lse;
+  return s;
 }
 
 // The same for n rows that share these logits (one context seen n times in a batch)
 // and whose targets have the histogram counts[V] (n = sum_v counts[v]):
-//   loss = n lse - sum_v counts[v] x[v]                 (returned)
+//   loss = n lse - sum_v counts[v] x[v]                 (*partial_loss = -sum_v counts[v] x[v])
 //   x[v] <- scale (n softmax(x)[v] - counts[v])         (in place)
 // exactly the sum of the n single-row terms. No label smoothing (mlp_sgd_step's loss).
+// Returns s and sets *m_out like row_grad_and_partial_loss.
 template <typename acc_t>
-inline acc_t row_loss_and_grad_counts(acc_t* x, int64_t V, const acc_t* counts, acc_t n,
-                                      acc_t scale, acc_t* lse_out) {
+inline acc_t row_grad_and_partial_loss_counts(acc_t* x, int64_t V, const acc_t* counts, acc_t n,
+                                              acc_t scale, acc_t* m_out, acc_t* partial_loss) {
   acc_t lane_dot[kVectorLanes] = {};
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
@@ -205,10 +208,8 @@ inline acc_t row_loss_and_grad_counts(acc_t* x, int64_t V, const acc_t* counts, 
       if (v0 + j < V) lane_dot[j] += counts[v0 + j] * x[v0 + j];
     }
   }
-  const acc_t dot = sum_lanes(lane_dot);
-  acc_t m;
-  const acc_t s = row_exp<acc_t>(x, x, V, &m);
-  const acc_t lse = m + std::log(s);
+  *partial_loss = -sum_lanes(lane_dot);
+  const acc_t s = row_exp<acc_t>(x, x, V, m_out);
   const acc_t p_scale = scale * n / s;
   for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
 #pragma omp simd
@@ -217,8 +218,22 @@ inline acc_t row_loss_and_grad_counts(acc_t* x, int64_t V, const acc_t* counts, 
       if (v < V) x[v] = x[v] * p_scale - scale * counts[v];
     }
   }
-  *lse_out = lse;
-  return n * lse - dot;
+  return s;
+}
+
+// Finishes n <= kVectorLanes rows of row_grad_and_partial_loss(_counts): lse holds
+// their maxima and s their sums of exps; lse[r] <- m_r + log(s_r) (one vector log),
+// loss[r] += weight_r lse[r] for the rows with weight_r != 0 (weight: the rows a
+// deduplicated row stands for; null for 1 each). skip[r] (may be null) marks rows
+// whose loss stays as it is (ignored targets).
+template <typename T>
+inline void finish_row_losses(int64_t n, const T* s, const T* weight, const bool* skip, T* lse,
+                              T* loss) {
+  finish_logsumexp<T>(n, lse, s);
+  for (int64_t r = 0; r < n; ++r) {
+    if (skip && skip[r]) continue;
+    loss[r] += weight ? (weight[r] == T(0) ? T(0) : weight[r] * lse[r]) : lse[r];
+  }
 }
 
 }  // namespace charmlp

@@ -20,7 +20,11 @@ EmbedAlgorithm get_embed_algorithm();
 
 // Cost model: folded costs 2*V*E*H*T flops to build P plus ~2 flop-equivalents
 // per gather-add (memory bound: ~T*H*2 per row); direct costs 2*E*T*H per row.
-inline bool use_folded(int64_t B, int64_t T, int64_t V, int64_t E, int64_t H) {
+// fixed_cost_scale weighs the per-call costs against the per-row ones for callers
+// whose folded path has more of them, or runs them on fewer threads than the rows
+// (the whole-model step, mlp_cpu.cpp).
+inline bool use_folded(int64_t B, int64_t T, int64_t V, int64_t E, int64_t H,
+                       int64_t fixed_cost_scale = 1) {
   switch (get_embed_algorithm()) {
     case EmbedAlgorithm::kDirect: return false;
     case EmbedAlgorithm::kFolded: return true;
@@ -28,7 +32,7 @@ inline bool use_folded(int64_t B, int64_t T, int64_t V, int64_t E, int64_t H) {
   }
   (void)T;
   (void)H;
-  return V * E + 2 * B < B * E;
+  return fixed_cost_scale * V * E + 2 * B < B * E;
 }
 
 }  // namespace charmlp

@@ -27,8 +27,9 @@
 // nothing scales with B except the caller's idx and target.
 //
 // The first layer is folded (above) or direct (gather + GEMM per chunk), by the
-// cost model of embed_algorithm.h: direct at small batches or large vocabularies,
-// where building P each step would cost more than it saves.
+// cost model of embed_algorithm.h weighted for this loop (mlp_use_folded): direct at
+// small batches or large vocabularies, where building P each step would cost more
+// than it saves. Batches under two chunks are split over the threads by rows.
 //
 // Distinct contexts. Rows with the same context (idx row) have the same h and the
 // same logits, and with V^T small (27^3 = 19,683 at the lecture's size) a batch
@@ -144,6 +145,31 @@ struct MlpGrads {
   const T* b2 = nullptr;     // [V]
 };
 
+// Rows per task of the row loop. Chunks of kOutputChunkRows keep the activations in
+// cache, but a whole chunk per thread would leave the lecture's batch of 32 on one
+// thread: below two chunks the rows are split evenly over the threads, down to
+// kMinRowsPerThread rows each (below that a thread's arithmetic is smaller than
+// what a second thread costs: waking it, zeroing and summing its gradient partials).
+constexpr int64_t kMinRowsPerThread = 16;
+inline int64_t mlp_rows_grain(int64_t rows) {
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  return std::clamp<int64_t>((rows + threads - 1) / threads, kMinRowsPerThread, kOutputChunkRows);
+}
+
+// The first-layer algorithm for a loop over `rows` rows. embed_algorithm.h's model
+// counts the first layer alone; in the whole model the folded path's per-call work
+// (building P, the two weight-gradient GEMMs from S, zeroing and summing each
+// thread's S) runs mostly on one thread, while the direct path's per-row GEMMs spread
+// over the loop's p threads. Measured on names.txt batches at the lecture's size,
+// direct is the faster up to ~100 rows on one thread and ~200-300 on two: a fixed
+// cost of 3 p times the layer op's.
+inline bool mlp_use_folded(int64_t rows, int64_t T, int64_t V, int64_t E, int64_t H) {
+  const int64_t grain = mlp_rows_grain(rows);
+  const int64_t tasks = std::max<int64_t>(1, (rows + grain - 1) / grain);
+  const int64_t p = std::min<int64_t>(at::get_num_threads(), tasks);
+  return use_folded(rows, T, V, E, H, /*fixed_cost_scale=*/3 * p);
+}
+
 // The mean loss of the whole model and, with kBackward, its gradients (into *grads).
 // kFolded picks the first-layer algorithm (embed_algorithm.h has the cost model):
 // folded builds P once and scatters into S; direct gathers each chunk's
@@ -175,7 +201,8 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
 
   // Rows of the loop: the batch's, or its distinct contexts (ctx).
   const int64_t* row_idx = ctx ? ctx->idx.data() : idx;
-  at::parallel_for(0, ctx ? ctx->U : B, kOutputChunkRows, [&](int64_t r0, int64_t r1) {
+  const int64_t loop_rows = ctx ? ctx->U : B;
+  at::parallel_for(0, loop_rows, mlp_rows_grain(loop_rows), [&](int64_t r0, int64_t r1) {
     T* L1 = kBackward ? partials.slot() : nullptr;
     T* dW2 = kBackward ? L1 + nL1 : nullptr;
     T* db2 = kBackward ? dW2 + nW2 : nullptr;
@@ -276,7 +303,7 @@ T run_mlp_loss(const CheckedBatch& batch, const std::array<const T*, 5>& params,
   const int64_t* target = batch.target.const_data_ptr<int64_t>();
   DistinctContexts<T> ctx;
   const bool grouped = group_contexts<T>(idx, target, B, Tn, V, ctx);
-  const bool folded = use_folded(grouped ? ctx.U : B, Tn, V, E, H);
+  const bool folded = mlp_use_folded(grouped ? ctx.U : B, Tn, V, E, H);
   auto impl = folded ? &mlp_loss_impl<T, true, kBackward> : &mlp_loss_impl<T, false, kBackward>;
   return impl(idx, target, grouped ? &ctx : nullptr, batch.count, params[0], params[1],
               params[2], params[3], params[4], B, Tn, V, E, H, grads);

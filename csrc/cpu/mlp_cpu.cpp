@@ -145,17 +145,6 @@ struct MlpGrads {
   const T* b2 = nullptr;     // [V]
 };
 
-// Rows per task of the row loop. Chunks of kOutputChunkRows keep the activations in
-// cache, but a whole chunk per thread would leave the lecture's batch of 32 on one
-// thread: below two chunks the rows are split evenly over the threads, down to
-// kMinRowsPerThread rows each (below that a thread's arithmetic is smaller than
-// what a second thread costs: waking it, zeroing and summing its gradient partials).
-constexpr int64_t kMinRowsPerThread = 16;
-inline int64_t mlp_rows_grain(int64_t rows) {
-  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-  return std::clamp<int64_t>((rows + threads - 1) / threads, kMinRowsPerThread, kOutputChunkRows);
-}
-
 // The first-layer algorithm for a loop over `rows` rows. embed_algorithm.h's model
 // counts the first layer alone; in the whole model the folded path's per-call work
 // (building P, the two weight-gradient GEMMs from S, zeroing and summing each
@@ -164,7 +153,7 @@ inline int64_t mlp_rows_grain(int64_t rows) {
 // direct is the faster up to ~100 rows on one thread and ~200-300 on two: a fixed
 // cost of 3 p times the layer op's.
 inline bool mlp_use_folded(int64_t rows, int64_t T, int64_t V, int64_t E, int64_t H) {
-  const int64_t grain = mlp_rows_grain(rows);
+  const int64_t grain = output_rows_grain(rows);
   const int64_t tasks = std::max<int64_t>(1, (rows + grain - 1) / grain);
   const int64_t p = std::min<int64_t>(at::get_num_threads(), tasks);
   return use_folded(rows, T, V, E, H, /*fixed_cost_scale=*/3 * p);
@@ -202,7 +191,7 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
   // Rows of the loop: the batch's, or its distinct contexts (ctx).
   const int64_t* row_idx = ctx ? ctx->idx.data() : idx;
   const int64_t loop_rows = ctx ? ctx->U : B;
-  at::parallel_for(0, loop_rows, mlp_rows_grain(loop_rows), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, loop_rows, output_rows_grain(loop_rows), [&](int64_t r0, int64_t r1) {
     T* L1 = kBackward ? partials.slot() : nullptr;
     T* dW2 = kBackward ? L1 + nL1 : nullptr;
     T* db2 = kBackward ? dW2 + nW2 : nullptr;

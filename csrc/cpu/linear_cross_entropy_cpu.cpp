@@ -82,11 +82,9 @@ void gradient_impl(const Inputs& in, std::conditional_t<kWithForward, T*, const 
   const std::vector<T> Wt = transpose_copy(W, V, H, padded_cols<T>(V));
   const T* b = in.bias.defined() ? in.bias.const_data_ptr<T>() : nullptr;
   const int64_t* tgt = in.target.const_data_ptr<int64_t>();
-  // One slot per thread: dW [V, H] then db [V]. Small batches split over the threads
-  // (output_rows_grain); the forward alone (forward_impl) has a third of this work
-  // per row, too little to pay for a second thread below two chunks.
+  // One slot per thread: dW [V, H] then db [V].
   ThreadPartials<T> partials(V * H + V);
-  at::parallel_for(0, B, output_rows_grain(B), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, kOutputChunkRows, [&](int64_t b0, int64_t b1) {
     T* dW = partials.slot();
     T* db = dW + V * H;
     T* logits = thread_scratch<T>(Scratch::kChunkC, kOutputChunkRows * padded_cols<T>(V));

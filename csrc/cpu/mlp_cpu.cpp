@@ -29,7 +29,7 @@
 // The first layer is folded (above) or direct (gather + GEMM per chunk), by the
 // cost model of embed_algorithm.h weighted for this loop (mlp_use_folded): direct at
 // small batches or large vocabularies, where building P each step would cost more
-// than it saves. Batches under two chunks are split over the threads by rows.
+// than it saves.
 //
 // Distinct contexts. Rows with the same context (idx row) have the same h and the
 // same logits, and with V^T small (27^3 = 19,683 at the lecture's size) a batch
@@ -149,13 +149,12 @@ struct MlpGrads {
 // counts the first layer alone; in the whole model the folded path's per-call work
 // (building P, the two weight-gradient GEMMs from S, zeroing and summing each
 // thread's S) runs mostly on one thread, while the direct path's per-row GEMMs spread
-// over the loop's p threads. Measured on names.txt batches at the lecture's size,
-// direct is the faster up to ~100 rows on one thread and ~200-300 on two: a fixed
-// cost of 3 p times the layer op's.
+// over the loop's p threads (one per 64-row chunk). Measured on names.txt batches at
+// the lecture's size, direct is the faster up to ~100 rows on one thread and ~200-300
+// on two: a fixed cost of 3 p times the layer op's.
 inline bool mlp_use_folded(int64_t rows, int64_t T, int64_t V, int64_t E, int64_t H) {
-  const int64_t grain = output_rows_grain(rows);
-  const int64_t tasks = std::max<int64_t>(1, (rows + grain - 1) / grain);
-  const int64_t p = std::min<int64_t>(at::get_num_threads(), tasks);
+  const int64_t chunks = std::max<int64_t>(1, (rows + kOutputChunkRows - 1) / kOutputChunkRows);
+  const int64_t p = std::min<int64_t>(at::get_num_threads(), chunks);
   return use_folded(rows, T, V, E, H, /*fixed_cost_scale=*/3 * p);
 }
 
@@ -190,8 +189,10 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
 
   // Rows of the loop: the batch's, or its distinct contexts (ctx).
   const int64_t* row_idx = ctx ? ctx->idx.data() : idx;
-  const int64_t loop_rows = ctx ? ctx->U : B;
-  at::parallel_for(0, loop_rows, output_rows_grain(loop_rows), [&](int64_t r0, int64_t r1) {
+  // Whole chunks per thread: a batch of 32 stays on one thread. (Splitting it over two
+  // took a tight loop of steps from 22 to 19 us, but the training loop's from 28 to 41:
+  // between calls the second thread goes idle and waking it costs more than it saves.)
+  at::parallel_for(0, ctx ? ctx->U : B, kOutputChunkRows, [&](int64_t r0, int64_t r1) {
     T* L1 = kBackward ? partials.slot() : nullptr;
     T* dW2 = kBackward ? L1 + nL1 : nullptr;
     T* db2 = kBackward ? dW2 + nW2 : nullptr;

@@ -26,17 +26,6 @@ namespace charmlp {
 // Rows per chunk: h (64 x 200 floats = 50 KB) and logits stay cache resident.
 constexpr int64_t kOutputChunkRows = 64;
 
-// Rows per task of a loop over chunks of rows. A whole chunk per thread would leave a
-// batch of 32 (the lecture's) on one thread: below two chunks the rows are split evenly
-// over the threads, down to kMinRowsPerThread each (below that a thread's arithmetic is
-// smaller than what a second thread costs: waking it, zeroing and summing its
-// gradient partials).
-constexpr int64_t kMinRowsPerThread = 16;
-inline int64_t output_rows_grain(int64_t rows) {
-  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-  return std::clamp<int64_t>((rows + threads - 1) / threads, kMinRowsPerThread, kOutputChunkRows);
-}
-
 // logits [n, V] = h [n, H] @ W^T + b, with W^T given as Wt [H, Vp] (Vp = padded_cols<T>(V),
 // zero beyond V) so every GEMM column block is full width and aligned; logits has
 // leading dimension Vp too. b may be null.

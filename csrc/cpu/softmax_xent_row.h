@@ -104,14 +104,6 @@ inline void finish_logsumexp(int64_t n, T* lse, const T* s) {
   for (int64_t r = 0; r < n; ++r) lse[r] += fast_log<T>(s[r]);
 }
 
-// x: V logits (any float type); returns log-sum-exp in acc_t.
-template <typename scalar_t, typename acc_t>
-inline acc_t row_logsumexp(const scalar_t* x, int64_t V) {
-  acc_t m;
-  const acc_t s = row_sumexp<scalar_t, acc_t>(x, V, &m);
-  return m + std::log(s);
-}
-
 // Loss of one row given its lse (label smoothing folded in).
 template <typename scalar_t, typename acc_t>
 inline acc_t row_loss(const scalar_t* x, int64_t V, int64_t target, acc_t lse, acc_t eps) {
@@ -168,7 +160,7 @@ inline acc_t row_exp(const acc_t* x, acc_t* y, int64_t V, acc_t* m_out) {
 // Loss and gradient of one row in one pass over its exps, for callers that know the
 // row's gradient scale before the forward (mlp_sgd_step, the *_and_grads ops): the
 // exp(x - m) summed for lse are kept and normalized into the softmax, one exp per
-// logit instead of the two of row_logsumexp + row_grad. x: the V logits; g: the
+// logit instead of the two of row_sumexp + row_grad. x: the V logits; g: the
 // gradient (g may be x, in place; a separate g spares the caller a copy).
 // The gradient needs 1 / s, not lse, so the log is left to the caller, which takes
 // it for a block of rows at once (finish_row_losses: one vector log instead of a

@@ -25,7 +25,7 @@ import _harness as H  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = H.arg_parser(__doc__.split("\n\n")[0])
     p.add_argument("--no-ablation", action="store_true", help="skip the embedding-algorithm ablation")
-    p.add_argument("--ablation-sizes", default="lecture-32,lecture-4096,lecture-32768,large-4096",
+    p.add_argument("--ablation-sizes", default="lecture-32,lecture-256,lecture-4096,lecture-32768,large-4096",
                    help="sizes of the embedding-algorithm ablation (CPU only)")
     p.add_argument("--no-output-layer", action="store_true", help="skip the output-layer (linear + loss) op benchmark")
     p.add_argument("--output-layer-sizes", default="lecture-32,lecture-4096,lecture-full,large-4096")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from charmlp.model import NOTEBOOK_SEED, MLPLanguageModel
 from charmlp.train import (
     ConfigError,
+    DirectFusedAdamW,
     Progress,
     TrainConfig,
     batch_seed,
@@ -202,3 +204,91 @@ def test_lr_find_suggests_a_rate():
     assert len(sweep["losses"]) == len(sweep["lre"]) == 200
     assert sweep["lre"][0] == pytest.approx(-3) and sweep["lre"][-1] == pytest.approx(0)
     assert 1e-3 <= sweep["suggested_lr"] <= sweep["best_lr"] <= 1.0
+
+
+# --- DirectFusedAdamW: the training loop's opt.step() without torch.optim's Python -------------
+
+def _model_and_adamw(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = MLPLanguageModel(vocab_size=27, block_size=3, emb_dim=10, hidden=64, fused=True)
+    return m, torch.optim.AdamW(m.parameters(), **{"lr": 1e-2, "weight_decay": 0.01, "fused": True, **kw})
+
+
+def _adamw_batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 27, (32, 3), generator=g), torch.randint(0, 27, (32,), generator=g))
+            for _ in range(n)]
+
+
+def _same_adamw(m1, o1, m2, o2):
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(o1.state[p1][k], o2.state[p2][k]), k
+
+
+def test_direct_fused_adamw_is_bitwise_opt_step():
+    m1, o1 = _model_and_adamw()
+    m2, o2 = _model_and_adamw()
+    assert DirectFusedAdamW.applies(o2)
+    step = DirectFusedAdamW(o2)
+    for i, (x, y) in enumerate(_adamw_batches(12)):
+        for o in (o1, o2):
+            o.param_groups[0]["lr"] = 1e-2 * (1 - i / 20)  # the loop's schedule writes lr each step
+        m1.forward_backward(x, y)
+        o1.step()
+        m2.forward_backward(x, y)
+        step()
+    _same_adamw(m1, o1, m2, o2)
+    assert step._state is not None  # the direct path did run (first step: opt.step())
+
+    # A state loaded from a checkpoint is bound on the first call and continues exactly.
+    m3, o3 = _model_and_adamw(seed=5)
+    m3.load_state_dict(m1.state_dict())
+    o3.load_state_dict(copy.deepcopy(o1.state_dict()))  # (state_dict() shares o1's tensors)
+    step3 = DirectFusedAdamW(o3)
+    for x, y in _adamw_batches(4, seed=2):
+        m1.forward_backward(x, y)
+        o1.step()
+        m3.forward_backward(x, y)
+        step3()
+    _same_adamw(m1, o1, m3, o3)
+
+
+def test_direct_fused_adamw_keeps_opt_step_for_a_parameter_without_gradient():
+    m1, o1 = _model_and_adamw()
+    m2, o2 = _model_and_adamw()
+    step = DirectFusedAdamW(o2)
+    for x, y in _adamw_batches(3):
+        for m in (m1, m2):
+            m.forward_backward(x, y)
+            m.head.bias.grad = None
+        o1.step()
+        step()
+    assert step._state is None  # never bound: every step was opt.step()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True, amsgrad=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True, maximize=True),
+    lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), fused=True),
+    lambda ps: torch.optim.AdamW([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2, fused=True),
+    lambda ps: torch.optim.AdamW([ps[0].detach().double().requires_grad_()] + ps[1:], lr=1e-2, fused=True),
+], ids=["sgd", "adam", "adamw-unfused", "amsgrad", "maximize", "tensor-lr", "two-groups", "two-dtypes"])
+def test_direct_fused_adamw_applies_only_where_it_is_exact(make):
+    m = MLPLanguageModel(vocab_size=27, block_size=3, emb_dim=10, hidden=64, fused=True)
+    assert not DirectFusedAdamW.applies(make(list(m.parameters())))
+
+
+def test_direct_fused_adamw_does_not_apply_with_step_hooks():
+    m, opt = _model_and_adamw()
+    handle = opt.register_step_pre_hook(lambda *a: None)
+    assert not DirectFusedAdamW.applies(opt)
+    handle.remove()
+    assert DirectFusedAdamW.applies(opt)
+

@@ -8,7 +8,9 @@ model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD a
   + update per step. Minibatch indices are drawn for many steps at once
   (``torch.randint(0, n, (k, batch))`` gives exactly the numbers of ``k`` successive
   ``torch.randint(0, n, (batch,))`` calls), so the Python loop does little besides calling
-  the step.
+  the step. AdamW (and SGD with weight decay) take the model's fused loss-and-gradients op
+  and a fused torch optimizer; AdamW's step skips torch.optim's Python
+  (:class:`DirectFusedAdamW`, bitwise the same update).
 * **Reproducibility.** Parameters are drawn from ``torch.Generator().manual_seed(seed)``
   (the notebook's generator for the default seed 2147483647) and minibatches from a
   dedicated generator seeded from ``(seed, rank)``; nothing depends on global RNG state.
@@ -553,6 +555,75 @@ def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MLP
     return model.to(device)
 
 
+class DirectFusedAdamW:
+    """``opt.step()`` of a fused ``torch.optim.AdamW``, without torch.optim's Python.
+
+    ``AdamW(fused=True).step()`` is one ATen kernel, ``torch._fused_adamw_``, behind ~35 us
+    of Python on CPU (step hooks, the profiler annotation, regrouping the tensors by device
+    and dtype on every call): at the lecture's size more than charmlp's whole forward and
+    backward. Once the optimizer's state exists (its first step is an ordinary
+    ``opt.step()``, which creates it), calling this makes the calls ``_fused_adam`` would
+    make (steps += 1, then the kernel, with the group's hyper-parameters) on the same
+    tensors: bitwise the same update (``tests/test_train.py`` checks it against
+    ``opt.step()``). :meth:`applies` admits only the case it covers: one parameter group,
+    fused, no amsgrad/maximize/differentiable/capturable, float hyper-parameters, one device
+    and dtype, no step hooks, and a torch whose private op has the expected schema; anything
+    else keeps ``opt.step()``.
+    The state tensors are bound on the first direct call: call ``load_state_dict`` before.
+    """
+
+    _KERNEL_ARGS = ("self", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps",
+                    "lr", "beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize",
+                    "grad_scale", "found_inf")
+
+    @classmethod
+    def applies(cls, opt) -> bool:
+        if type(opt) is not torch.optim.AdamW or len(opt.param_groups) != 1:
+            return False
+        g = opt.param_groups[0]
+        if (not g.get("fused") or g.get("amsgrad") or g.get("maximize") or g.get("differentiable")
+                or g.get("capturable")
+                or any(isinstance(g.get(k), torch.Tensor) for k in ("lr", "weight_decay", "eps"))
+                or any(isinstance(b, torch.Tensor) for b in g.get("betas", ()))
+                or len({(p.device, p.dtype) for p in g["params"]}) != 1):  # (one kernel call)
+            return False
+        from torch.optim import optimizer as _optimizer
+
+        try:  # (private attributes: a torch without them gets opt.step())
+            hooks = (opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks,
+                     _optimizer._global_optimizer_pre_hooks, _optimizer._global_optimizer_post_hooks)
+            schema = torch.ops.aten._fused_adamw_.default._schema
+        except (AttributeError, RuntimeError):
+            return False
+        return not any(hooks) and tuple(a.name for a in schema.arguments) == cls._KERNEL_ARGS
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+        self._state = None  # (weights, exp_avgs, exp_avg_sqs, steps) once the state exists
+
+    def __call__(self) -> None:
+        group = self.opt.param_groups[0]
+        params = group["params"]
+        if self._state is None:
+            if any(p not in self.opt.state for p in params):
+                self.opt.step()  # the first step creates the state, exactly as torch does
+                return
+            st = [self.opt.state[p] for p in params]  # (also a state loaded from a checkpoint)
+            self._state = ([p.detach() for p in params], [s["exp_avg"] for s in st],
+                           [s["exp_avg_sq"] for s in st], [s["step"] for s in st])
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            self.opt.step()
+            return
+        weights, exp_avgs, exp_avg_sqs, steps = self._state
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_(weights, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"],
+                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                            eps=group["eps"], amsgrad=False, maximize=False, grad_scale=None,
+                            found_inf=None)
+
+
 def train(cfg: TrainConfig | None, out: str | Path | None = None, *, resume: str | Path | None = None,
           overrides: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
           progress_stream=None) -> dict:
@@ -687,11 +758,15 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         opt.step()
         return loss.detach()
 
+    # (after load_state_dict above: DirectFusedAdamW binds the state tensors on first use)
+    opt_step = None if opt is None else (
+        DirectFusedAdamW(opt) if DirectFusedAdamW.applies(opt) else opt.step)
+
     def fused_grads_step(xb, yb, lr):  # one op for loss and gradients, no autograd graph
         for group in opt.param_groups:
             group["lr"] = lr
         loss = model.forward_backward(xb, yb)
-        opt.step()
+        opt_step()
         return loss
 
     # DDP reduces gradients from autograd hooks: it needs the autograd path.

@@ -76,10 +76,10 @@ inline void output_loss_and_dlogits(int64_t n, int64_t V, T* logits, const int64
                                     int64_t ignore_index, T eps, const T* scale, T* lse, T* loss) {
   const int64_t Vp = padded_cols<T>(V);
   for (int64_t r0 = 0; r0 < n; r0 += kVectorLanes) {
-    const int64_t rows = std::min<int64_t>(kVectorLanes, n - r0);
+    const int64_t block = std::min<int64_t>(kVectorLanes, n - r0);
     T s[kVectorLanes];
     bool ignored[kVectorLanes];
-    for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t i = 0; i < block; ++i) {
       const int64_t r = r0 + i;
       T* row = logits + r * Vp;
       ignored[i] = target[r] == ignore_index;
@@ -92,7 +92,7 @@ inline void output_loss_and_dlogits(int64_t n, int64_t V, T* logits, const int64
                                             loss + r);
       }
     }
-    finish_row_losses<T>(rows, s, /*weight=*/nullptr, ignored, lse + r0, loss + r0);
+    finish_row_losses<T>(block, s, /*weight=*/nullptr, ignored, lse + r0, loss + r0);
   }
 }
 

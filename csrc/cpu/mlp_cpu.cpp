@@ -190,7 +190,7 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
   // Rows of the loop: the batch's, or its distinct contexts (ctx).
   const int64_t* row_idx = ctx ? ctx->idx.data() : idx;
   // Whole chunks per thread: a batch of 32 stays on one thread. (Splitting it over two
-  // took a tight loop of steps from 22 to 19 us, but the training loop's from 28 to 41:
+  // took a tight loop of steps from 22 to 19 us, but the training loop's from 27 to 41:
   // between calls the second thread goes idle and waking it costs more than it saves.)
   at::parallel_for(0, ctx ? ctx->U : B, kOutputChunkRows, [&](int64_t r0, int64_t r1) {
     T* L1 = kBackward ? partials.slot() : nullptr;

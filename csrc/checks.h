@@ -50,31 +50,34 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const 
                     ", got shape ", shape_str(t));
 }
 
-// idx [B, T], table [V, E], weight [H, T*E], bias [H] or None.
+// idx [B, T], table [V, E], weight [H, T*E], bias [H] or None. The whole-model ops
+// call their first layer's weight and bias weight1 and bias1 (the names in messages).
 inline void check_embed_linear_tanh_args(const at::Tensor& idx, const at::Tensor& table,
                                          const at::Tensor& weight,
-                                         const std::optional<at::Tensor>& bias) {
+                                         const std::optional<at::Tensor>& bias,
+                                         const char* weight_name = "weight",
+                                         const char* bias_name = "bias") {
   check_index_tensor(idx, "idx");
   check_dim(idx, 2, "idx", "[B, T]");
   check_float_tensor(table, "table");
   check_dim(table, 2, "table", "[V, E]");
-  check_dim(weight, 2, "weight", "[H, T*E]");
-  check_same_dtype(table, "table", weight, "weight");
-  check_same_device(table, "table", weight, "weight");
+  check_dim(weight, 2, weight_name, "[H, T*E]");
+  check_same_dtype(table, "table", weight, weight_name);
+  check_same_device(table, "table", weight, weight_name);
   check_same_device(table, "table", idx, "idx");
   const int64_t T = idx.size(1), E = table.size(1);
-  TORCH_CHECK_VALUE(weight.size(1) == T * E, "charmlp: weight must have shape [H, T*E] = [H, ", T * E,
-                    "] for idx ", shape_str(idx), " and table ", shape_str(table), ", got ",
-                    shape_str(weight));
+  TORCH_CHECK_VALUE(weight.size(1) == T * E, "charmlp: ", weight_name,
+                    " must have shape [H, T*E] = [H, ", T * E, "] for idx ", shape_str(idx),
+                    " and table ", shape_str(table), ", got ", shape_str(weight));
   TORCH_CHECK_VALUE(table.size(0) > 0 || idx.numel() == 0,
                     "charmlp: table has no rows, so no index in idx can be valid");
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
-    check_dim(b, 1, "bias", "[H]");
-    TORCH_CHECK_VALUE(b.size(0) == weight.size(0), "charmlp: bias must have shape [H] = [",
-                      weight.size(0), "], got ", shape_str(b));
-    check_same_dtype(table, "table", b, "bias");
-    check_same_device(table, "table", b, "bias");
+    check_dim(b, 1, bias_name, "[H]");
+    TORCH_CHECK_VALUE(b.size(0) == weight.size(0), "charmlp: ", bias_name,
+                      " must have shape [H] = [", weight.size(0), "], got ", shape_str(b));
+    check_same_dtype(table, "table", b, bias_name);
+    check_same_device(table, "table", b, bias_name);
   }
 }
 
@@ -184,7 +187,7 @@ inline void check_mlp_args(const at::Tensor& idx, const at::Tensor& target,
                            const at::Tensor& table, const at::Tensor& weight1,
                            const at::Tensor& bias1, const at::Tensor& weight2,
                            const at::Tensor& bias2) {
-  check_embed_linear_tanh_args(idx, table, weight1, bias1);
+  check_embed_linear_tanh_args(idx, table, weight1, bias1, "weight1", "bias1");
   check_dim(weight2, 2, "weight2", "[V, H]");
   const int64_t V = table.size(0), H = weight1.size(0);
   TORCH_CHECK_VALUE(weight2.size(0) == V && weight2.size(1) == H,
@@ -211,6 +214,32 @@ inline void check_mlp_sgd_step_args(const at::Tensor& idx, const at::Tensor& tar
                                     const at::Tensor& bias2, double lr) {
   check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
   TORCH_CHECK_VALUE(std::isfinite(lr), "charmlp: lr must be finite, got ", lr);
+}
+
+// mlp_sgd_steps: idx [K, B, T], target [K, B], one finite lr per step; each step's
+// slices and the parameters as for mlp_sgd_step.
+inline void check_mlp_sgd_steps_args(const at::Tensor& idx, const at::Tensor& target,
+                                     const at::Tensor& table, const at::Tensor& weight1,
+                                     const at::Tensor& bias1, const at::Tensor& weight2,
+                                     const at::Tensor& bias2, c10::ArrayRef<double> lr) {
+  check_index_tensor(idx, "idx");
+  check_dim(idx, 3, "idx", "[K, B, T] (K steps of B rows)");
+  check_index_tensor(target, "target");
+  check_dim(target, 2, "target", "[K, B]");
+  const int64_t K = idx.size(0), B = idx.size(1);
+  TORCH_CHECK_VALUE(target.size(0) == K && target.size(1) == B,
+                    "charmlp: target must have shape [K, B] = [", K, ", ", B, "] to match idx ",
+                    shape_str(idx), ", got ", shape_str(target));
+  TORCH_CHECK_VALUE(static_cast<int64_t>(lr.size()) == K,
+                    "charmlp: lr must hold one learning rate per step (K = ", K, "), got ",
+                    lr.size());
+  for (size_t k = 0; k < lr.size(); ++k) {
+    TORCH_CHECK_VALUE(std::isfinite(lr[k]), "charmlp: lr[", k, "] must be finite, got ", lr[k]);
+  }
+  // The rest as for one step (messages then show one step's [B, T] and [B]).
+  const bool any = K > 0;
+  check_mlp_args(any ? idx[0] : idx.flatten(0, 1), any ? target[0] : target.flatten(0, 1), table,
+                 weight1, bias1, weight2, bias2);
 }
 
 // The message for an index outside [0, bound): shared so CPU and CUDA say the same thing.

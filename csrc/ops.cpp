@@ -81,4 +81,12 @@ TORCH_LIBRARY(charmlp, m) {
   m.def(
       "mlp_sgd_step(Tensor idx, Tensor target, Tensor(a!) table, Tensor(b!) weight1, "
       "Tensor(c!) bias1, Tensor(d!) weight2, Tensor(e!) bias2, float lr) -> Tensor");
+  // K such steps in one call (a training loop's inner loop without a Python round
+  // trip per step): step k is exactly mlp_sgd_step(idx[k], target[k], ..., lr[k]).
+  // Every index of every step is checked before the first: a bad one anywhere raises
+  // with no parameter touched.
+  // idx [K, B, T], target [K, B], lr K floats -> losses [K] (each before its update)
+  m.def(
+      "mlp_sgd_steps(Tensor idx, Tensor target, Tensor(a!) table, Tensor(b!) weight1, "
+      "Tensor(c!) bias1, Tensor(d!) weight2, Tensor(e!) bias2, float[] lr) -> Tensor");
 }

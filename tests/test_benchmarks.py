@@ -161,3 +161,21 @@ def test_context_grouping_benchmark_runs_and_is_exact(tmp_path):
     assert result["grouped_vs_float64"] <= 2 * result["seed_vs_float64"] + 1e-6
     assert set(result["median_s"]) == {"seed eager", "charmlp, grouping on", "charmlp, grouping off"}
     assert "| 2,000 | 27 |" in (tmp_path / "context_grouping.md").read_text()
+
+
+def test_training_loop_benchmark_runs_and_is_exact(tmp_path):
+    cmd = [sys.executable, str(BENCH / "bench_training_loop.py"), "--quick", "--batch", "8,32", "--data", "random",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "training_loop.json").read_text())
+    assert data["environment"]["threads"] == torch.get_num_threads()
+    assert [r["batch"] for r in data["results"]] == [8, 32]
+    for r in data["results"]:
+        g = r["gate"]
+        assert g["passed"] and g["loop_chunk_losses_bitwise_equal"] and g["loop_chunk_params_bitwise_equal"]
+        assert g["seed_first_loss_rel_err"] <= 1e-5 and r["after_timing_bitwise_equal"]
+        assert set(r["summary"]) == {"seed", "loop", "chunk"}
+        assert all(s["n"] == 2 and s["median_s"] > 0 for s in r["summary"].values())
+    md = (tmp_path / "training_loop.md").read_text()
+    assert "torch threads" in md and "Gate: **PASS**" in md and "| 8 |" in md

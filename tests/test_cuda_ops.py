@@ -9,7 +9,7 @@ and both the fused small-vocabulary and the generic paths; float32, float64,
 bfloat16, float16; int64 and int32 indices), empty batches, large logits, gradcheck
 in float64 (both first-layer algorithms), torch.library.opcheck,
 torch.compile(fullgraph=True), CUDA-graph capture of a training step (the fused
-mlp_sgd_step and an autograd step), deterministic mode bitwise equal across runs
+mlp_sgd_step, K steps of mlp_sgd_steps and an autograd step), deterministic mode bitwise equal across runs
 (the generic cuBLAS linear_cross_entropy path included), and bad indices raising
 IndexError without touching memory or parameters (CHARMLP_CUDA_INDEX_CHECK=sync
 and async).
@@ -356,6 +356,129 @@ def test_mlp_sgd_step_noncontiguous_params_are_updated():
 
 
 # ----------------------------------------------------------------------------------------
+# mlp_sgd_steps (K steps from one host call)
+# ----------------------------------------------------------------------------------------
+
+
+def _steps_batch(K, B, T, V, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (K, B, T), generator=g)
+    target = torch.randint(0, V, (K, B), generator=g)
+    target[1, ::3] = -100
+    target[2] = -100  # a step with every target ignored: NaN loss, no update
+    return idx.to(DEV), target.to(DEV)
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_mlp_sgd_steps_equal_single_steps(B, dtype):
+    """Step k of one call is bitwise mlp_sgd_step(idx[k], target[k], ..., lr[k]): the same
+    kernels on the same stream (deterministic mode: the general path's table gradient
+    would otherwise use atomics)."""
+    V, T, E, H, K = 27, 3, 10, 200, 5
+    idx, target = _steps_batch(K, B, T, V)
+    lrs = [0.1, 0.05, 0.2, 0.1, 0.01]
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        a = _step_params(V, T, E, H, dtype)
+        b = [p.clone() for p in a]
+        losses = ops.mlp_sgd_steps(idx, target, *a, lrs)
+        ref = torch.stack([ops.mlp_sgd_step(idx[k], target[k], *b, lrs[k]) for k in range(K)])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert losses.shape == (K,) and losses.dtype == dtype
+    assert torch.isnan(losses[2]) and torch.equal(losses.isnan(), ref.isnan())
+    assert torch.equal(losses.nan_to_num(), ref.nan_to_num())
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+def test_mlp_sgd_steps_matches_reference(B):
+    V, T, E, H, K = 27, 3, 10, 200, 3
+    idx, target = _steps_batch(K, B, T, V, seed=6)
+    target[2] = torch.randint(0, V, (B,), device=DEV)
+    params = _step_params(V, T, E, H, torch.float64)
+    ref_params = [p.clone() for p in params]
+    losses = ops.mlp_sgd_steps(idx, target, *params, 0.1)
+    for k in range(K):
+        ref_loss, ref_params = _reference_step(idx[k], target[k], ref_params, 0.1)
+        _close(losses[k], ref_loss, torch.float64, f"loss {k}")
+    for name, p, rp in zip(["table", "weight1", "bias1", "weight2", "bias2"], params, ref_params):
+        _close(p, rp, torch.float64, name)
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+def test_mlp_sgd_steps_bad_index_in_a_later_step_changes_nothing(B):
+    """Every index is checked before the first step: an error in the last step raises at
+    its flat position in the whole [K, B, T] / [K, B] tensor, and no step is applied."""
+    V, T, E, H, K = 27, 3, 10, 200, 4
+    idx, target = _steps_batch(K, B, T, V)
+    params = _step_params(V, T, E, H, torch.float32)
+    before = [p.clone() for p in params]
+    bad_idx = idx.clone()
+    bad_idx[K - 1, 2, 1] = V + 3
+    pos = (K - 1) * B * T + 2 * T + 1
+    with pytest.raises(IndexError, match=rf"charmlp: idx contains {V + 3} at flat position {pos},"):
+        ops.mlp_sgd_steps(bad_idx, target, *params, 0.1)
+    bad_target = target.clone()
+    bad_target[K - 1, 4] = -7
+    with pytest.raises(IndexError, match=rf"charmlp: target contains -7 at flat position {(K - 1) * B + 4},"):
+        ops.mlp_sgd_steps(idx, bad_target, *params, 0.1)
+    torch.cuda.synchronize()
+    for a, b in zip(params, before):
+        assert torch.equal(a, b)
+    ops.mlp_sgd_steps(idx, target, *params, 0.1)  # the record was reset: a good call runs
+
+
+def test_mlp_sgd_steps_empty_and_noncontiguous():
+    V, T, E, H = 27, 3, 10, 64
+    params = _step_params(V, T, E, H, torch.float32)
+    before = [p.clone() for p in params]
+    assert ops.mlp_sgd_steps(torch.zeros(0, 32, T, dtype=torch.long, device=DEV),
+                             torch.zeros(0, 32, dtype=torch.long, device=DEV), *params, []).shape == (0,)
+    empty = ops.mlp_sgd_steps(torch.zeros(2, 0, T, dtype=torch.long, device=DEV),
+                              torch.zeros(2, 0, dtype=torch.long, device=DEV), *params, [0.1, 0.1])
+    assert empty.shape == (2,) and torch.isnan(empty).all()
+    for a, b in zip(params, before):
+        assert torch.equal(a, b)
+    # A non-contiguous weight1 is updated in place like the contiguous one.
+    idx, target = _steps_batch(3, 32, T, V)
+    contiguous = [p.clone() for p in params]
+    params_nc = [params[0], params[1].t().contiguous().t(), params[2], params[3], params[4]]
+    ops.mlp_sgd_steps(idx, target, *params_nc, 0.1)
+    ops.mlp_sgd_steps(idx, target, *contiguous, 0.1)
+    assert not params_nc[1].is_contiguous()
+    for a, b in zip(params_nc, contiguous):
+        assert torch.equal(a, b)
+
+
+def test_cuda_graph_mlp_sgd_steps():
+    """K steps captured once and replayed on new batches == eager calls."""
+    V, T, E, H, K, B = 27, 3, 10, 200, 4, 32
+    params = _step_params(V, T, E, H, torch.float32)
+    static_idx, static_y = _steps_batch(K, B, T, V)
+    lrs = [0.1, 0.1, 0.05, 0.05]
+    _warmup(lambda: ops.mlp_sgd_steps(static_idx, static_y, *params, lrs))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_losses = ops.mlp_sgd_steps(static_idx, static_y, *params, lrs)
+    eager = [p.clone() for p in params]
+    for rnd in range(2):
+        idx, y = _steps_batch(K, B, T, V, seed=10 + rnd)
+        static_idx.copy_(idx)
+        static_y.copy_(y)
+        graph.replay()
+        ref = ops.mlp_sgd_steps(idx, y, *eager, lrs)
+        torch.cuda.synchronize()
+        assert torch.equal(static_losses.isnan(), ref.isnan())
+        _close(static_losses.nan_to_num(), ref.nan_to_num(), torch.float32, f"losses round {rnd}")
+        for a, b in zip(params, eager):
+            _close(a, b, torch.float32, f"params round {rnd}")
+
+
+# ----------------------------------------------------------------------------------------
 # mlp_cross_entropy (the whole model's loss; its forward computes the gradients)
 # ----------------------------------------------------------------------------------------
 
@@ -605,6 +728,9 @@ def _opcheck_cases():
          (torch.ones((), device=DEV), h.detach(), w2.detach(), b2.detach(), target, lse2, 1, -100, 0.1)),
         (P.mlp_sgd_step.default,
          (idx, target, table.detach().clone(), w1.detach().clone(), b1.detach().clone(), r(9, 5), r(9), 0.1)),
+        (P.mlp_sgd_steps.default,
+         (torch.stack([idx, idx.flip(0)]), torch.stack([target, target.flip(0)]), table.detach().clone(),
+          w1.detach().clone(), b1.detach().clone(), r(9, 5), r(9), [0.1, 0.05])),
         (P.cross_entropy_and_grads.default, (logits.detach(), target, 1, -100, 0.1)),
         (P.linear_cross_entropy_and_grads.default, (h.detach(), w2.detach(), b2.detach(), target, 1, -100, 0.1)),
         (P.linear_cross_entropy_and_grads.default, (h.detach(), w40.detach(), None, target, 2, -100, 0.0)),
@@ -619,7 +745,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(16))
+@pytest.mark.parametrize("case", range(17))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -670,6 +796,15 @@ def test_torch_compile_fullgraph():
     _close(l1, l2, torch.float32, "compiled step loss")
     for a, b in zip(params, ref_params):
         _close(a, b, torch.float32, "compiled step params")
+
+    # And K steps in one call.
+    idx3, y3 = torch.stack([idx, idx.flip(0)]), torch.stack([y, y.flip(0)])
+    steps = torch.compile(lambda i, t, ps: ops.mlp_sgd_steps(i, t, *ps, [0.1, 0.05]), fullgraph=True, backend=backend)
+    l1 = steps(idx3, y3, params)
+    l2 = ops.mlp_sgd_steps(idx3, y3, *ref_params, [0.1, 0.05])
+    _close(l1, l2, torch.float32, "compiled steps losses")
+    for a, b in zip(params, ref_params):
+        _close(a, b, torch.float32, "compiled steps params")
 
 
 def _warmup(fn, n=3):

@@ -2,6 +2,7 @@
 //   mlp_cross_entropy            the mean cross-entropy of the model (forward only)
 //   mlp_cross_entropy_and_grads  the same and its five parameter gradients
 //   mlp_sgd_step                 the same, then p -= lr * grad in place
+//   mlp_sgd_steps                K such steps in one call (the training loop's inner loop)
 // mlp_cross_entropy's autograd (csrc/autograd.cpp) calls the second in its forward
 // and only scales the saved gradients in its backward: the parameter gradients are
 // smaller than any activation this model has, so computing them while h and the
@@ -58,7 +59,6 @@
 #include "checks.h"
 #include "cpu/context_grouping.h"
 #include "cpu/embed_algorithm.h"
-#include "cpu/cross_entropy_cpu.h"
 #include "cpu/first_layer.h"
 #include "cpu/index_check.h"
 #include "cpu/output_layer.h"
@@ -191,7 +191,9 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
   const int64_t* row_idx = ctx ? ctx->idx.data() : idx;
   // Whole chunks per thread: a batch of 32 stays on one thread. (Splitting it over two
   // took a tight loop of steps from 22 to 19 us, but the training loop's from 27 to 41:
-  // between calls the second thread goes idle and waking it costs more than it saves.)
+  // between calls the second thread goes idle and waking it costs more than it saves.
+  // Back to back inside one mlp_sgd_steps call, on another day's build machine, 16 rows
+  // per thread took a step from ~40 to ~120 us.)
   at::parallel_for(0, ctx ? ctx->U : B, kOutputChunkRows, [&](int64_t r0, int64_t r1) {
     T* L1 = kBackward ? partials.slot() : nullptr;
     T* dW2 = kBackward ? L1 + nL1 : nullptr;
@@ -269,34 +271,46 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
   return loss;
 }
 
-// idx and target of the whole-model ops, range-checked, as contiguous int64.
+// One batch's rows: idx [B, T] and target [B], range-checked contiguous int64.
+struct BatchRows {
+  const int64_t* idx;
+  const int64_t* target;
+  int64_t B, T;
+  int64_t count;  // rows whose target is counted (not ignored)
+};
+
+// idx [N, T] and target [N] of the whole-model ops, range-checked (all of them, before
+// any work), as contiguous int64. mlp_sgd_steps passes its K batches as N = K B rows.
 struct CheckedBatch {
   at::Tensor idx, target;
-  int64_t count = 0;  // rows whose target is counted (not ignored)
+
+  // Rows [first, first + B) as one batch.
+  BatchRows rows(int64_t first, int64_t B) const {
+    const int64_t Tn = idx.size(1);
+    const int64_t* t = target.const_data_ptr<int64_t>() + first;
+    int64_t count = 0;
+    for (int64_t b = 0; b < B; ++b) count += t[b] != kIgnoreIndex;
+    return {idx.const_data_ptr<int64_t>() + first * Tn, t, B, Tn, count};
+  }
+  BatchRows all() const { return rows(0, idx.size(0)); }
 };
 
 CheckedBatch check_batch(const at::Tensor& idx, const at::Tensor& target, int64_t V) {
-  CheckedBatch batch;
-  batch.idx = checked_indices_cpu(idx, V, "idx");
-  batch.target = checked_indices_cpu(target, V, "target", kIgnoreIndex);
-  batch.count = count_targets_cpu(batch.target, kIgnoreIndex);
-  return batch;
+  return {checked_indices_cpu(idx, V, "idx"),
+          checked_indices_cpu(target, V, "target", kIgnoreIndex)};
 }
 
 // Groups the batch when that pays, picks the first-layer algorithm for the rows the
 // loop will run, and runs mlp_loss_impl. params: table, W1, b1, W2, b2 (contiguous).
 template <typename T, bool kBackward>
-T run_mlp_loss(const CheckedBatch& batch, const std::array<const T*, 5>& params, int64_t V,
+T run_mlp_loss(const BatchRows& batch, const std::array<const T*, 5>& params, int64_t V,
                int64_t E, int64_t H, MlpGrads<T>* grads) {
-  const int64_t B = batch.idx.size(0), Tn = batch.idx.size(1);
-  const int64_t* idx = batch.idx.const_data_ptr<int64_t>();
-  const int64_t* target = batch.target.const_data_ptr<int64_t>();
   DistinctContexts<T> ctx;
-  const bool grouped = group_contexts<T>(idx, target, B, Tn, V, ctx);
-  const bool folded = mlp_use_folded(grouped ? ctx.U : B, Tn, V, E, H);
+  const bool grouped = group_contexts<T>(batch.idx, batch.target, batch.B, batch.T, V, ctx);
+  const bool folded = mlp_use_folded(grouped ? ctx.U : batch.B, batch.T, V, E, H);
   auto impl = folded ? &mlp_loss_impl<T, true, kBackward> : &mlp_loss_impl<T, false, kBackward>;
-  return impl(idx, target, grouped ? &ctx : nullptr, batch.count, params[0], params[1],
-              params[2], params[3], params[4], B, Tn, V, E, H, grads);
+  return impl(batch.idx, batch.target, grouped ? &ctx : nullptr, batch.count, params[0],
+              params[1], params[2], params[3], params[4], batch.B, batch.T, V, E, H, grads);
 }
 
 // p -= lr * g.
@@ -355,8 +369,8 @@ at::Tensor mlp_cross_entropy_cpu(const at::Tensor& idx, const at::Tensor& target
       prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2, "mlp_cross_entropy");
   at::Tensor loss = at::empty({}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_cpu", [&] {
-    loss.fill_(run_mlp_loss<scalar_t, false>(in.batch, in.ptrs<scalar_t>(), in.V, in.E, in.H,
-                                             nullptr));
+    loss.fill_(run_mlp_loss<scalar_t, false>(in.batch.all(), in.ptrs<scalar_t>(), in.V, in.E,
+                                             in.H, nullptr));
   });
   return loss;
 }
@@ -374,8 +388,8 @@ mlp_cross_entropy_and_grads_cpu(const at::Tensor& idx, const at::Tensor& target,
   at::Tensor loss = at::empty({}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_and_grads_cpu", [&] {
     MlpGrads<scalar_t> grads;
-    loss.fill_(run_mlp_loss<scalar_t, true>(in.batch, in.ptrs<scalar_t>(), in.V, in.E, in.H,
-                                            &grads));
+    loss.fill_(run_mlp_loss<scalar_t, true>(in.batch.all(), in.ptrs<scalar_t>(), in.V, in.E,
+                                            in.H, &grads));
     const std::array<const scalar_t*, 5> src{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
     for (size_t i = 0; i < g.size(); ++i) {
       std::copy_n(src[i], g[i].numel(), g[i].mutable_data_ptr<scalar_t>());
@@ -384,39 +398,70 @@ mlp_cross_entropy_and_grads_cpu(const at::Tensor& idx, const at::Tensor& target,
   return {loss, g[0], g[1], g[2], g[3], g[4]};
 }
 
-at::Tensor mlp_sgd_step_cpu(const at::Tensor& idx, const at::Tensor& target, at::Tensor& table,
-                            at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
-                            at::Tensor& bias2, double lr) {
-  check_mlp_sgd_step_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
-  // Works on contiguous parameters (in.params); copies back only if the caller's were not.
-  const MlpInputs in =
-      prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2, "mlp_sgd_step");
-  const std::array<at::Tensor, 5>& work = in.params;
-  std::array<at::Tensor*, 5> params{&table, &weight1, &bias1, &weight2, &bias2};
+namespace {
 
-  at::Tensor loss = at::empty({}, table.options());
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_sgd_step_cpu", [&] {
-    MlpGrads<scalar_t> grads;
-    // The gradients are complete (layer 1's needs the parameters before the update)
-    // when run_mlp_loss returns; only then is anything written.
-    loss.fill_(run_mlp_loss<scalar_t, true>(in.batch, in.ptrs<scalar_t>(), in.V, in.E, in.H,
-                                            &grads));
-    const std::array<const scalar_t*, 5> g{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
-    for (size_t i = 0; i < work.size(); ++i) {
-      sgd_update<scalar_t>(work[i].mutable_data_ptr<scalar_t>(), g[i], work[i].numel(),
-                           static_cast<scalar_t>(lr));
+// K plain-SGD steps of the contiguous parameters in.params: step k runs on rows
+// [k B, (k + 1) B) of in.batch with lr[k] and writes its pre-update loss to losses[k]
+// ([K], the parameters' dtype). Each step is the same computation whatever K is, so
+// K calls of one step and one call of K steps are bitwise equal. Then copies the
+// parameters back into the caller's tensors where those were not contiguous.
+void run_sgd_steps(const MlpInputs& in, int64_t K, int64_t B, c10::ArrayRef<double> lr,
+                   const std::array<at::Tensor*, 5>& params, at::Tensor& losses) {
+  const std::array<at::Tensor, 5>& work = in.params;
+  AT_DISPATCH_FLOATING_TYPES(work[0].scalar_type(), "mlp_sgd_steps_cpu", [&] {
+    scalar_t* out = losses.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      MlpGrads<scalar_t> grads;
+      // The gradients are complete (layer 1's needs the parameters before the update)
+      // when run_mlp_loss returns; only then is anything written.
+      out[k] = run_mlp_loss<scalar_t, true>(in.batch.rows(k * B, B), in.ptrs<scalar_t>(), in.V,
+                                            in.E, in.H, &grads);
+      const std::array<const scalar_t*, 5> g{grads.table, grads.W1, grads.b1, grads.W2,
+                                             grads.b2};
+      for (size_t i = 0; i < work.size(); ++i) {
+        sgd_update<scalar_t>(work[i].mutable_data_ptr<scalar_t>(), g[i], work[i].numel(),
+                             static_cast<scalar_t>(lr[k]));
+      }
     }
   });
   for (size_t i = 0; i < params.size(); ++i) {
     if (!work[i].is_same(*params[i])) params[i]->copy_(work[i]);
   }
+}
+
+}  // namespace
+
+at::Tensor mlp_sgd_step_cpu(const at::Tensor& idx, const at::Tensor& target, at::Tensor& table,
+                            at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
+                            at::Tensor& bias2, double lr) {
+  check_mlp_sgd_step_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  const MlpInputs in =
+      prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2, "mlp_sgd_step");
+  at::Tensor loss = at::empty({}, table.options());
+  run_sgd_steps(in, /*K=*/1, idx.size(0), {lr}, {&table, &weight1, &bias1, &weight2, &bias2},
+                loss);
   return loss;
+}
+
+at::Tensor mlp_sgd_steps_cpu(const at::Tensor& idx, const at::Tensor& target, at::Tensor& table,
+                             at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
+                             at::Tensor& bias2, c10::ArrayRef<double> lr) {
+  check_mlp_sgd_steps_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  const int64_t K = idx.size(0), B = idx.size(1);
+  // One check of all K B rows before the first step (prepare_mlp): nothing is updated
+  // when any index is bad.
+  const MlpInputs in = prepare_mlp(idx.flatten(0, 1), target.flatten(0, 1), table, weight1,
+                                   bias1, weight2, bias2, "mlp_sgd_steps");
+  at::Tensor losses = at::empty({K}, table.options());
+  run_sgd_steps(in, K, B, lr, {&table, &weight1, &bias1, &weight2, &bias2}, losses);
+  return losses;
 }
 
 TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
   m.impl("mlp_cross_entropy", &mlp_cross_entropy_cpu);
   m.impl("mlp_cross_entropy_and_grads", &mlp_cross_entropy_and_grads_cpu);
   m.impl("mlp_sgd_step", &mlp_sgd_step_cpu);
+  m.impl("mlp_sgd_steps", &mlp_sgd_steps_cpu);
 }
 
 }  // namespace charmlp

@@ -338,24 +338,6 @@ __global__ void folded_S_finish_kernel(const acc_t* __restrict__ partial, int64_
   }
 }
 
-// Checks every index (recording the first bad one) without using it: for the
-// degenerate shapes (H == 0 or T*E == 0) where no other kernel reads idx, so that a bad
-// index raises like on CPU (which checks idx whatever the shapes).
-__global__ void check_indices_kernel(const int64_t* __restrict__ idx, int64_t n, int64_t V,
-                                     IndexErrorRecord err) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    (void)load_index(idx, i, V, err, kArgIdx);
-  }
-}
-
-void launch_check_indices(const int64_t* idx, int64_t n, int64_t V, IndexErrorRecord err,
-                          cudaStream_t stream) {
-  if (n == 0) return;
-  check_indices_kernel<<<grid_for(n, 256, 4LL * num_sms()), 256, 0, stream>>>(idx, n, V, err);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 template <typename scalar_t>
@@ -366,7 +348,9 @@ void launch_embed_forward(const int64_t* idx, const scalar_t* table, const scala
   const int64_t K = T * E;
   // No GEMM reads idx when H == 0 or K == 0: check it on its own (out may be null
   // when H == 0: the backward uses this for its H == 0 early return).
-  if (B > 0 && (H == 0 || K == 0)) launch_check_indices(idx, B * T, V, err, stream);
+  if (B > 0 && (H == 0 || K == 0)) {
+    launch_check_index_range(idx, B * T, V, kArgIdx, /*ignore_index=*/-1, err, stream);
+  }
   if (B == 0 || H == 0) return;
   GatherEmb<scalar_t, acc_t, false> la{idx, table, T, E, V, K, err};
   RowMajor<scalar_t, acc_t> lb{weight, K};
@@ -390,7 +374,9 @@ void launch_embed_grad_weight(const scalar_t* grad_out, const scalar_t* out, con
                               cudaStream_t stream) {
   // grad_W | grad_bias = dpre^T @ [emb | 1]: M = H, N = K + 1, reduction over B.
   const int64_t K = T * E;
-  if (K == 0) launch_check_indices(idx, B * T, V, err, stream);  // no operand reads idx
+  if (K == 0) {  // no operand reads idx
+    launch_check_index_range(idx, B * T, V, kArgIdx, /*ignore_index=*/-1, err, stream);
+  }
   Dpre<scalar_t, acc_t, true> la{grad_out, out, H};
   GatherEmb<scalar_t, acc_t, true> lb{idx, table, T, E, V, K, err};
   GradWeightEpi<scalar_t, acc_t> epi{grad_weight, grad_bias, splits > 1 ? partial : nullptr, H, K};

@@ -42,6 +42,13 @@ int num_sms();
 size_t max_dynamic_smem();              // usable dynamic shared memory per block
 void set_dynamic_smem_impl(const void* kernel, size_t bytes);
 
+// Checks p[0, n) against [0, bound), recording the first bad value it meets (for
+// kArgTarget, ignore_index also passes), and reads nothing else: for the degenerate
+// shapes where no kernel reads an index array, and for ops that must know every
+// index is good before they write anything (mlp_sgd_steps). index_record.cu.
+void launch_check_index_range(const int64_t* p, int64_t n, int64_t bound, IndexArg arg,
+                              int64_t ignore_index, IndexErrorRecord err, cudaStream_t stream);
+
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;
 
 // ---------------------------------------------------------------------------------------

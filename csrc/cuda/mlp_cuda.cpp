@@ -3,6 +3,7 @@
 //   mlp_cross_entropy_and_grads  the same plus both backwards (no host checks in between)
 //   mlp_sgd_step                 the single-kernel fused step (small batches, V <= 32), or
 //                                the composition above plus one multi-tensor SGD update
+//   mlp_sgd_steps                K such steps from one host call (no sync in between)
 // Each reports index errors once, at its end. Kernels and math: mlp_sgd_step_kernels.cu
 // and the per-layer kernel files.
 #include <torch/library.h>
@@ -96,30 +97,17 @@ mlp_cross_entropy_and_grads_cuda(const at::Tensor& idx, const at::Tensor& target
   return {loss, g[0], g[1], g[2], g[3], g[4]};
 }
 
-at::Tensor mlp_sgd_step_cuda(const at::Tensor& idx, const at::Tensor& target, at::Tensor& table,
-                             at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
-                             at::Tensor& bias2, double lr) {
-  check_mlp_sgd_step_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
-  const c10::cuda::CUDAGuard guard(table.device());
-  const int64_t B = idx.size(0), T = idx.size(1), V = table.size(0), E = table.size(1);
-  const int64_t H = weight1.size(0);
-  const auto acc_dtype = at::toOpMathType(table.scalar_type());
-  const size_t acc_size = acc_dtype == at::kDouble ? 8 : 4;
+// One plain-SGD step of the contiguous parameters `work` on idx_c [B, T], tgt_c [B]
+// (contiguous int64, B > 0); its pre-update loss goes to loss_out (a 0-d tensor of the
+// parameters' dtype). Launches only: index errors are reported by the caller.
+void sgd_step_launch(const at::Tensor& idx_c, const at::Tensor& tgt_c, const Params& work,
+                     double lr, const at::Tensor& loss_out) {
+  const at::Tensor& table = work[0];
+  const int64_t B = idx_c.size(0), T = idx_c.size(1), V = table.size(0), E = table.size(1);
+  const int64_t H = work[1].size(0);
+  const size_t acc_size = at::toOpMathType(table.scalar_type()) == at::kDouble ? 8 : 4;
   const cudaStream_t stream = current_stream();
-  if (B == 0) {
-    check_index_errors();
-    return empty_batch_loss(table);
-  }
-
-  // Work on contiguous parameters; copy back only if the caller's were not.
-  std::array<at::Tensor*, 5> params{&table, &weight1, &bias1, &weight2, &bias2};
-  const Params work = contiguous_params(table, weight1, bias1, weight2, bias2);
-  const at::Tensor idx_c = index_tensor(idx), tgt_c = index_tensor(target);
-
-  // The loss has the parameters' dtype, like the CPU op and the fake kernel (ops.py).
-  at::Tensor loss;
   if (sgd_step_fused_ok(B, T, V, E, H, acc_size)) {
-    loss = at::empty({}, table.options());
     CHARMLP_DISPATCH_FLOAT(table.scalar_type(), "mlp_sgd_step_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       launch_sgd_step_fused<scalar_t, acc_t>(
@@ -127,31 +115,82 @@ at::Tensor mlp_sgd_step_cuda(const at::Tensor& idx, const at::Tensor& target, at
           work[0].mutable_data_ptr<scalar_t>(), work[1].mutable_data_ptr<scalar_t>(),
           work[2].mutable_data_ptr<scalar_t>(), work[3].mutable_data_ptr<scalar_t>(),
           work[4].mutable_data_ptr<scalar_t>(), static_cast<acc_t>(lr), B, T, V, E, H,
-          loss.mutable_data_ptr<scalar_t>(), index_error_record(), stream);
+          loss_out.mutable_data_ptr<scalar_t>(), index_error_record(), stream);
     });
-  } else {
-    // General path: the per-layer kernels, then one multi-tensor SGD update that the
-    // device skips if any index was bad.
-    auto [mean_loss, grads] = mlp_loss_and_grads_launch(idx_c, tgt_c, work);
-    loss = mean_loss;
-    CHARMLP_DISPATCH_FLOAT(table.scalar_type(), "mlp_sgd_step_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      SgdSegments<scalar_t> segments{};
-      for (int i = 0; i < 5; ++i) {
-        segments.param[i] = work[i].mutable_data_ptr<scalar_t>();
-        segments.grad[i] = grads[i].const_data_ptr<scalar_t>();
-        segments.n[i] = work[i].numel();
-      }
-      launch_sgd_update<scalar_t, acc_t>(segments, static_cast<acc_t>(lr), index_error_record(),
-                                         stream);
-    });
+    return;
   }
+  // General path: the per-layer kernels, then one multi-tensor SGD update that the
+  // device skips if any index was bad.
+  auto [mean_loss, grads] = mlp_loss_and_grads_launch(idx_c, tgt_c, work);
+  loss_out.copy_(mean_loss);
+  CHARMLP_DISPATCH_FLOAT(table.scalar_type(), "mlp_sgd_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SgdSegments<scalar_t> segments{};
+    for (int i = 0; i < 5; ++i) {
+      segments.param[i] = work[i].mutable_data_ptr<scalar_t>();
+      segments.grad[i] = grads[i].const_data_ptr<scalar_t>();
+      segments.n[i] = work[i].numel();
+    }
+    launch_sgd_update<scalar_t, acc_t>(segments, static_cast<acc_t>(lr), index_error_record(),
+                                       stream);
+  });
+}
 
+// Copies the updated contiguous parameters back where the caller's were not contiguous.
+void copy_back(const Params& work, const std::array<at::Tensor*, 5>& params) {
   for (size_t i = 0; i < params.size(); ++i) {
     if (!work[i].is_same(*params[i])) params[i]->copy_(work[i]);
   }
+}
+
+at::Tensor mlp_sgd_step_cuda(const at::Tensor& idx, const at::Tensor& target, at::Tensor& table,
+                             at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
+                             at::Tensor& bias2, double lr) {
+  check_mlp_sgd_step_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  const c10::cuda::CUDAGuard guard(table.device());
+  if (idx.size(0) == 0) {
+    check_index_errors();
+    return empty_batch_loss(table);
+  }
+  // Work on contiguous parameters; copy back only if the caller's were not.
+  const Params work = contiguous_params(table, weight1, bias1, weight2, bias2);
+  // The loss has the parameters' dtype, like the CPU op and the fake kernel (ops.py).
+  at::Tensor loss = at::empty({}, table.options());
+  sgd_step_launch(index_tensor(idx), index_tensor(target), work, lr, loss);
+  copy_back(work, {&table, &weight1, &bias1, &weight2, &bias2});
   check_index_errors();
   return loss;
+}
+
+at::Tensor mlp_sgd_steps_cuda(const at::Tensor& idx, const at::Tensor& target, at::Tensor& table,
+                              at::Tensor& weight1, at::Tensor& bias1, at::Tensor& weight2,
+                              at::Tensor& bias2, c10::ArrayRef<double> lr) {
+  check_mlp_sgd_steps_args(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  const c10::cuda::CUDAGuard guard(table.device());
+  const int64_t K = idx.size(0), B = idx.size(1), T = idx.size(2), V = table.size(0);
+  if (K == 0 || B == 0) {  // K NaN losses (the mean over no rows), no update
+    check_index_errors();
+    return at::full({K}, std::numeric_limits<double>::quiet_NaN(), table.options());
+  }
+  const Params work = contiguous_params(table, weight1, bias1, weight2, bias2);
+  const at::Tensor idx_c = index_tensor(idx).view({K * B, T});
+  const at::Tensor tgt_c = index_tensor(target).view({K * B});
+  // Every index of every step first: a bad one anywhere is recorded before the first
+  // step, and a recorded error makes every step skip its update (both paths), so the
+  // call raises with no parameter touched, like on CPU, at the same flat position.
+  const cudaStream_t stream = current_stream();
+  launch_check_index_range(idx_c.const_data_ptr<int64_t>(), K * B * T, V, kArgIdx,
+                           /*ignore_index=*/-1, index_error_record(), stream);
+  launch_check_index_range(tgt_c.const_data_ptr<int64_t>(), K * B, V, kArgTarget, kIgnoreIndex,
+                           index_error_record(), stream);
+  at::Tensor losses = at::empty({K}, table.options());
+  for (int64_t k = 0; k < K; ++k) {
+    sgd_step_launch(idx_c.narrow(0, k * B, B), tgt_c.narrow(0, k * B, B), work, lr[k],
+                    losses.select(0, k));
+  }
+  copy_back(work, {&table, &weight1, &bias1, &weight2, &bias2});
+  check_index_errors();
+  return losses;
 }
 
 }  // namespace
@@ -160,6 +199,7 @@ TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
   m.impl("mlp_cross_entropy", &mlp_cross_entropy_cuda);
   m.impl("mlp_cross_entropy_and_grads", &mlp_cross_entropy_and_grads_cuda);
   m.impl("mlp_sgd_step", &mlp_sgd_step_cuda);
+  m.impl("mlp_sgd_steps", &mlp_sgd_steps_cuda);
 }
 
 }  // namespace cuda

@@ -9,6 +9,8 @@ benchmarked on identical weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ NOTEBOOK_SEED = 2147483647
 # The whole-model ops run every training step: skip the Python wrappers and cache
 # which (device type, dtype) pairs have kernels.
 _mlp_sgd_step = torch.ops.charmlp.mlp_sgd_step.default
+_mlp_sgd_steps = torch.ops.charmlp.mlp_sgd_steps.default
 _mlp_cross_entropy = torch.ops.charmlp.mlp_cross_entropy.default
 _mlp_cross_entropy_and_grads = torch.ops.charmlp.mlp_cross_entropy_and_grads.default
 _WHOLE_MODEL_KERNELS: dict = {}
@@ -39,7 +42,7 @@ def _whole_model_kernels(device_type: str, dtype: torch.dtype) -> bool:
         dtype_ok = dtype in (torch.float32, torch.float64) or device_type == "cuda"
         _WHOLE_MODEL_KERNELS[key] = dtype_ok and all(
             torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", device_type.upper())
-            for op in ("mlp_cross_entropy", "mlp_sgd_step")
+            for op in ("mlp_cross_entropy", "mlp_sgd_step", "mlp_sgd_steps")
         )
     return _WHOLE_MODEL_KERNELS[key]
 
@@ -175,7 +178,7 @@ class MLPLanguageModel(nn.Module):
 
     @staticmethod
     def _whole_model_kernel_available(p: Tensor) -> bool:
-        """Whether the whole-model ops (mlp_cross_entropy, mlp_sgd_step) have a kernel for
+        """Whether the whole-model ops (mlp_cross_entropy, mlp_sgd_step(s)) have a kernel for
         parameters like p (its device and dtype)."""
         return _whole_model_kernels(p.device.type, p.dtype)
 
@@ -229,3 +232,27 @@ class MLPLanguageModel(nn.Module):
         with torch.no_grad():
             torch._foreach_add_(params, grads, alpha=-lr)
         return loss.detach()
+
+    def sgd_steps(self, idx: Tensor, targets: Tensor, lrs: Sequence[float]) -> Tensor:
+        """``K`` plain-SGD steps: step ``k`` is ``sgd_step(idx[k], targets[k], lrs[k])``.
+
+        idx ``[K, B, block_size]``, targets ``[K, B]``, one learning rate per step; returns the
+        ``K`` losses (each before its update) as a ``[K]`` tensor. With ``fused=True`` and a
+        whole-model kernel this is one ``mlp_sgd_steps`` call, bitwise equal to ``K``
+        ``sgd_step`` calls but without their per-step Python round trip (the training
+        loop's inner loop); otherwise it is that loop.
+        """
+        if idx.dim() != 3 or idx.shape[2] != self.block_size:
+            raise ValueError(
+                f"MLPLanguageModel: idx must have shape [K, B, block_size={self.block_size}], got {tuple(idx.shape)}"
+            )
+        lrs = [float(lr) for lr in lrs]
+        if len(lrs) != idx.shape[0]:
+            raise ValueError(f"MLPLanguageModel: lrs must hold one learning rate per step (K = {idx.shape[0]}), "
+                             f"got {len(lrs)}")
+        params = self._step_parameters()
+        if self.fused and self._whole_model_kernel_available(params[0]):
+            with torch.no_grad():
+                return _mlp_sgd_steps(idx, targets, *params, lrs)
+        losses = [self.sgd_step(idx[k], targets[k], lr) for k, lr in enumerate(lrs)]
+        return torch.stack(losses) if losses else params[0].new_empty((0,))

@@ -13,6 +13,9 @@ Shapes: B batch rows, T context, V vocabulary, E embedding width, H hidden width
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -24,6 +27,7 @@ __all__ = [
     "linear_cross_entropy",
     "mlp_cross_entropy",
     "mlp_sgd_step",
+    "mlp_sgd_steps",
     "op_names",
     "reduction_code",
 ]
@@ -309,3 +313,54 @@ def mlp_sgd_step(
 def _mlp_sgd_step_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
     _check_same_device(table, "table", idx=idx, target=target, weight1=weight1, weight2=weight2)
     return table.new_empty(())
+
+
+# --------------------------------------------------------------------------------------
+# mlp_sgd_steps
+# --------------------------------------------------------------------------------------
+
+
+def mlp_sgd_steps(
+    idx: Tensor,
+    target: Tensor,
+    table: Tensor,
+    weight1: Tensor,
+    bias1: Tensor,
+    weight2: Tensor,
+    bias2: Tensor,
+    lr: float | Sequence[float],
+) -> Tensor:
+    """``K`` fused plain-SGD steps in one call; returns the ``K`` pre-update losses.
+
+    Step ``k`` is exactly ``mlp_sgd_step(idx[k], target[k], ..., lr[k])`` (bitwise: the
+    same kernel loop, whatever ``K``); the steps run back to back in C++, without the
+    Python and dispatcher round trip that a loop of ``mlp_sgd_step`` calls pays per step.
+    Shapes: idx ``[K, B, T]``, target ``[K, B]``, parameters as in :func:`mlp_sgd_step`;
+    ``lr`` is one number (or 0-d tensor) for every step or a sequence of ``K``; the result is
+    ``[K]`` in the parameters' dtype. Every index of every step is checked before the
+    first step runs: a bad one raises ``IndexError`` with no parameter changed. Call it
+    under ``torch.no_grad()`` when the parameters require grad.
+    """
+    K = idx.shape[0] if idx.dim() == 3 else 0  # a wrong rank is reported by the op itself
+    if isinstance(lr, numbers.Real) or (isinstance(lr, Tensor) and lr.dim() == 0):
+        lrs = [float(lr)] * K
+    else:
+        lrs = [float(x) for x in lr]
+    return torch.ops.charmlp.mlp_sgd_steps.default(idx, target, table, weight1, bias1, weight2, bias2, lrs)
+
+
+@torch.library.register_fake("charmlp::mlp_sgd_steps")
+def _mlp_sgd_steps_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
+    _check_same_device(
+        table, "table", idx=idx, target=target, weight1=weight1, bias1=bias1, weight2=weight2, bias2=bias2
+    )
+    torch._check(idx.dim() == 3, lambda: f"charmlp: idx must be 3-D [K, B, T], got {tuple(idx.shape)}")
+    torch._check(
+        target.dim() == 2 and target.shape == idx.shape[:2],
+        lambda: f"charmlp: target must have shape [K, B], got {tuple(target.shape)}",
+    )
+    torch._check(
+        len(lr) == idx.shape[0],
+        lambda: f"charmlp: lr must hold one learning rate per step (K = {idx.shape[0]}), got {len(lr)}",
+    )
+    return table.new_empty((idx.shape[0],))

@@ -4,11 +4,13 @@
 model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD at 0.1 then
 0.01 from step 100,000, the notebook's parameter draws). On top of the lecture's loop:
 
-* **Speed.** Plain SGD uses :meth:`MLPLanguageModel.sgd_step`, one fused forward + backward
-  + update per step. Minibatch indices are drawn for many steps at once
+* **Speed.** Minibatch indices are drawn for a chunk of steps at once
   (``torch.randint(0, n, (k, batch))`` gives exactly the numbers of ``k`` successive
-  ``torch.randint(0, n, (batch,))`` calls), so the Python loop does little besides calling
-  the step. AdamW (and SGD with weight decay) take the model's fused loss-and-gradients op
+  ``torch.randint(0, n, (batch,))`` calls, and a chunk is ~0.2 s of training). Plain SGD
+  runs each chunk as one :meth:`MLPLanguageModel.sgd_steps` call: the ``mlp_sgd_steps`` op
+  does the chunk's fused forward + backward + update steps back to back in C++, bitwise
+  the steps a loop of :meth:`~MLPLanguageModel.sgd_step` calls would take, without a
+  Python round trip per step. AdamW (and SGD with weight decay) take the model's fused loss-and-gradients op
   and a fused torch optimizer; AdamW's step skips torch.optim's Python
   (:class:`DirectFusedAdamW`, bitwise the same update).
 * **Reproducibility.** Parameters are drawn from ``torch.Generator().manual_seed(seed)``
@@ -16,7 +18,7 @@ model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD a
   dedicated generator seeded from ``(seed, rank)``; nothing depends on global RNG state.
 * **Resumability.** A checkpoint (see :mod:`charmlp.checkpoint`) holds every piece of state,
   so ``--resume`` continues bitwise identically on CPU. Ctrl-C or SIGTERM stops after the
-  current step and writes a checkpoint first.
+  current step (plain SGD: the current chunk) and writes a checkpoint first.
 * **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
   DistributedDataParallel (gloo on CPU, nccl on CUDA): every rank draws its own minibatches
   (its generator is seeded from its rank), gradients are averaged by DDP's all-reduce, and
@@ -680,7 +682,7 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         f"{nparams:,} parameters, {cfg.init} init; {path} on {device}, "
         f"{torch.get_num_threads()} thread(s)" + (f", {d.world_size} DDP processes" if d.enabled else ""))
     how = ("" if cfg.reference or d.enabled else
-           " (fused step)" if fast_sgd else " (fused loss and gradients, then fused torch.optim)")
+           " (fused steps, a chunk per op call)" if fast_sgd else " (fused loss and gradients, then fused torch.optim)")
     say(f"training: {cfg.steps:,} steps of batch {cfg.batch_size}"
         + (" per process" if d.enabled else "")
         + f", {cfg.optimizer}{how}, lr {cfg.lr_schedule} "
@@ -746,9 +748,6 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         files = _RunFiles(run_dir, step)
     bar = Progress(cfg.steps, step, progress_stream, enabled=progress and main, start_time=train_time)
 
-    def sgd_fast(xb, yb, lr):
-        return model.sgd_step(xb, yb, lr)
-
     def autograd_step(xb, yb, lr):
         for group in opt.param_groups:
             group["lr"] = lr
@@ -770,7 +769,8 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         return loss
 
     # DDP reduces gradients from autograd hooks: it needs the autograd path.
-    step_fn = sgd_fast if fast_sgd else (autograd_step if d.enabled else fused_grads_step)
+    # (Plain SGD without DDP runs whole chunks through model.sgd_steps below.)
+    step_fn = autograd_step if d.enabled else fused_grads_step
     on_cpu = device.type == "cpu"
     ntr = Xtr.shape[0]
     chunk = 64
@@ -797,16 +797,26 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
             lrs, losses = [], []
             t0 = time.perf_counter()
             done = k
-            for j in range(k):
+            if fast_sgd:
+                # The whole chunk in one op (mlp_sgd_steps: the same steps, bitwise, without
+                # a Python round trip each); a stop request is seen between chunks (~0.2 s).
                 if stop.requested:
-                    done = j
-                    break
-                lr = learning_rate(cfg, step + j)
-                loss = step_fn(xs[j], ys[j], lr)
-                losses.append(float(loss) if on_cpu else loss)
-                lrs.append(lr)
+                    done = 0
+                else:
+                    lrs = [learning_rate(cfg, step + j) for j in range(k)]
+                    losses = model.sgd_steps(xs, ys, lrs).tolist()
+            else:
+                for j in range(k):
+                    if stop.requested:
+                        done = j
+                        break
+                    lr = learning_rate(cfg, step + j)
+                    loss = step_fn(xs[j], ys[j], lr)
+                    losses.append(float(loss) if on_cpu else loss)
+                    lrs.append(lr)
+                if not on_cpu:
+                    losses = torch.stack(losses).tolist() if losses else []
             if not on_cpu:
-                losses = torch.stack(losses).tolist() if losses else []
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - t0
             train_time += elapsed
@@ -932,9 +942,7 @@ def lr_find(cfg: TrainConfig, lre_min: float = -3.0, lre_max: float = 0.0, num: 
     lre = torch.linspace(lre_min, lre_max, num)
     lrs = (10 ** lre).tolist()
     ix = draw_batches(gen, X.shape[0], num, cfg.batch_size).to(device)
-    losses = []
-    for i, lr in enumerate(lrs):
-        losses.append(float(model.sgd_step(X[ix[i]], Y[ix[i]], lr)))
+    losses = model.sgd_steps(X[ix], Y[ix], lrs).tolist()  # one SGD step per rate, one call
     arr = np.array(losses, dtype=np.float64)
     arr = np.where(np.isfinite(arr), arr, np.inf)
     w = max(1, num // 20)

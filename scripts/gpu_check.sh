@@ -322,6 +322,19 @@ def b32_graph():
 guarded("step_b32_graph", b32_graph)
 
 
+def b32_steps():  # K steps per call, the way charmlp train runs them: us per step
+    m = fused_model()
+    K = 200
+    g = torch.Generator().manual_seed(99)
+    Xs = torch.randint(0, V, (K, 32, T), generator=g).to(DEV)
+    Ys = torch.randint(0, V, (K, 32), generator=g).to(DEV)
+    lrs = [LR] * K
+    put("step_b32_charmlp_steps_us", wall(lambda: m.sgd_steps(Xs, Ys, lrs), 5) / K)
+
+
+guarded("step_b32_steps", b32_steps)
+
+
 def b32_fwd_bwd():
     m = fused_model()
     ps = list(m.parameters())
@@ -423,10 +436,13 @@ if os.environ.get("CHARMLP_CUDA_INDEX_CHECK") != "async":
 
 # Verdicts
 if "step_b32_seed_eager_us" in res:
-    for k in ("step_b32_charmlp_us", "step_b32_charmlp_graph_us", "step_b32_charmlp_async_check_us"):
+    for k in ("step_b32_charmlp_us", "step_b32_charmlp_steps_us", "step_b32_charmlp_graph_us",
+              "step_b32_charmlp_async_check_us"):
         if isinstance(res.get(k), float):
             x = res["step_b32_seed_eager_us"] / res[k]
-            print(f"TARGET B=32 training step >= 10x seed eager ({k}): {x:.1f}x -> {'met' if x >= 10 else 'NOT met'}")
+            how = " = per step of one 200-step sgd_steps call" if k == "step_b32_charmlp_steps_us" else ""
+            print(f"TARGET B=32 training step >= 10x seed eager ({k}{how}): {x:.1f}x -> "
+                  f"{'met' if x >= 10 else 'NOT met'}")
 for k in ("fwd_bwd_full_charmlp_us", "fwd_bwd_full_charmlp_graph_us"):
     if isinstance(res.get(k), float):
         print(f"TARGET full-batch forward+backward <= 0.5 ms ({k}): {res[k] / 1e3:.3f} ms -> "

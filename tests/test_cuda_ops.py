@@ -379,6 +379,7 @@ def test_mlp_sgd_steps_equal_single_steps(B, dtype):
     idx, target = _steps_batch(K, B, T, V)
     lrs = [0.1, 0.05, 0.2, 0.1, 0.01]
     prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         a = _step_params(V, T, E, H, dtype)
@@ -386,12 +387,30 @@ def test_mlp_sgd_steps_equal_single_steps(B, dtype):
         losses = ops.mlp_sgd_steps(idx, target, *a, lrs)
         ref = torch.stack([ops.mlp_sgd_step(idx[k], target[k], *b, lrs[k]) for k in range(K)])
     finally:
-        torch.use_deterministic_algorithms(prev)
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
     assert losses.shape == (K,) and losses.dtype == dtype
     assert torch.isnan(losses[2]) and torch.equal(losses.isnan(), ref.isnan())
     assert torch.equal(losses.nan_to_num(), ref.nan_to_num())
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_mlp_sgd_steps_low_precision(B, dtype):
+    """bfloat16/float16 parameters: the losses have their dtype; close to single steps."""
+    V, T, E, H, K = 27, 3, 10, 200, 3
+    idx, target = _steps_batch(K, B, T, V, seed=8)
+    a = _step_params(V, T, E, H, dtype)
+    b = [p.clone() for p in a]
+    losses = ops.mlp_sgd_steps(idx, target, *a, 0.1)
+    ref = torch.stack([ops.mlp_sgd_step(idx[k], target[k], *b, 0.1) for k in range(K)])
+    assert losses.dtype == dtype and losses.shape == (K,)
+    assert torch.equal(losses.isnan(), ref.isnan())
+    _close(losses.nan_to_num(), ref.nan_to_num(), dtype, "losses")
+    for name, p, q in zip(["table", "weight1", "bias1", "weight2", "bias2"], a, b):
+        assert p.dtype == dtype
+        _close(p, q, dtype, name)
 
 
 @pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
@@ -443,7 +462,8 @@ def test_mlp_sgd_steps_empty_and_noncontiguous():
     assert empty.shape == (2,) and torch.isnan(empty).all()
     for a, b in zip(params, before):
         assert torch.equal(a, b)
-    # A non-contiguous weight1 is updated in place like the contiguous one.
+    # A non-contiguous weight1 is updated in place like the contiguous one, and int32 or
+    # non-contiguous index tensors give the int64 result.
     idx, target = _steps_batch(3, 32, T, V)
     contiguous = [p.clone() for p in params]
     params_nc = [params[0], params[1].t().contiguous().t(), params[2], params[3], params[4]]
@@ -452,9 +472,19 @@ def test_mlp_sgd_steps_empty_and_noncontiguous():
     assert not params_nc[1].is_contiguous()
     for a, b in zip(params_nc, contiguous):
         assert torch.equal(a, b)
+    idx_nc = idx.transpose(0, 1).contiguous().transpose(0, 1)
+    target_nc = target.t().contiguous().t()
+    assert not idx_nc.is_contiguous() and not target_nc.is_contiguous()
+    for i, t in ((idx.int(), target.int()), (idx_nc, target_nc)):
+        other = [p.clone() for p in params]
+        reference = [p.clone() for p in params]
+        assert torch.equal(ops.mlp_sgd_steps(i, t, *other, 0.1).nan_to_num(),
+                           ops.mlp_sgd_steps(idx, target, *reference, 0.1).nan_to_num())
+        for a, b in zip(other, reference):
+            assert torch.equal(a, b)
 
 
-def test_cuda_graph_mlp_sgd_steps():
+def test_cuda_graph_k_steps():
     """K steps captured once and replayed on new batches == eager calls."""
     V, T, E, H, K, B = 27, 3, 10, 200, 4, 32
     params = _step_params(V, T, E, H, torch.float32)
@@ -476,6 +506,17 @@ def test_cuda_graph_mlp_sgd_steps():
         _close(static_losses.nan_to_num(), ref.nan_to_num(), torch.float32, f"losses round {rnd}")
         for a, b in zip(params, eager):
             _close(a, b, torch.float32, f"params round {rnd}")
+
+    # A bad index in the last step of a replay: no step is applied (only the device-side
+    # skip protects the parameters here), and the next op outside the graph raises it.
+    before = [p.clone() for p in params]
+    static_idx[K - 1, 0, 0] = V + 5
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(params, before):
+        assert torch.equal(a, b)
+    with pytest.raises(IndexError, match=rf"idx contains {V + 5} at flat position {(K - 1) * B * T},"):
+        ops.cross_entropy(torch.randn(4, V, device=DEV), torch.zeros(4, dtype=torch.long, device=DEV))
 
 
 # ----------------------------------------------------------------------------------------

@@ -98,16 +98,18 @@ mlp_cross_entropy_and_grads_cuda(const at::Tensor& idx, const at::Tensor& target
 }
 
 // One plain-SGD step of the contiguous parameters `work` on idx_c [B, T], tgt_c [B]
-// (contiguous int64, B > 0); its pre-update loss goes to loss_out (a 0-d tensor of the
-// parameters' dtype). Launches only: index errors are reported by the caller.
-void sgd_step_launch(const at::Tensor& idx_c, const at::Tensor& tgt_c, const Params& work,
-                     double lr, const at::Tensor& loss_out) {
+// (contiguous int64, B > 0). Returns the pre-update loss (0-d, the parameters' dtype),
+// written into loss_out when that is defined (mlp_sgd_steps: its slot of the [K]
+// result). Launches only: index errors are reported by the caller.
+at::Tensor sgd_step_launch(const at::Tensor& idx_c, const at::Tensor& tgt_c, const Params& work,
+                           double lr, at::Tensor loss_out = at::Tensor()) {
   const at::Tensor& table = work[0];
   const int64_t B = idx_c.size(0), T = idx_c.size(1), V = table.size(0), E = table.size(1);
   const int64_t H = work[1].size(0);
   const size_t acc_size = at::toOpMathType(table.scalar_type()) == at::kDouble ? 8 : 4;
   const cudaStream_t stream = current_stream();
   if (sgd_step_fused_ok(B, T, V, E, H, acc_size)) {
+    if (!loss_out.defined()) loss_out = at::empty({}, table.options());
     CHARMLP_DISPATCH_FLOAT(table.scalar_type(), "mlp_sgd_step_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       launch_sgd_step_fused<scalar_t, acc_t>(
@@ -117,12 +119,12 @@ void sgd_step_launch(const at::Tensor& idx_c, const at::Tensor& tgt_c, const Par
           work[4].mutable_data_ptr<scalar_t>(), static_cast<acc_t>(lr), B, T, V, E, H,
           loss_out.mutable_data_ptr<scalar_t>(), index_error_record(), stream);
     });
-    return;
+    return loss_out;
   }
   // General path: the per-layer kernels, then one multi-tensor SGD update that the
   // device skips if any index was bad.
   auto [mean_loss, grads] = mlp_loss_and_grads_launch(idx_c, tgt_c, work);
-  loss_out.copy_(mean_loss);
+  if (loss_out.defined()) loss_out.copy_(mean_loss);
   CHARMLP_DISPATCH_FLOAT(table.scalar_type(), "mlp_sgd_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     SgdSegments<scalar_t> segments{};
@@ -134,6 +136,7 @@ void sgd_step_launch(const at::Tensor& idx_c, const at::Tensor& tgt_c, const Par
     launch_sgd_update<scalar_t, acc_t>(segments, static_cast<acc_t>(lr), index_error_record(),
                                        stream);
   });
+  return loss_out.defined() ? loss_out : mean_loss;
 }
 
 // Copies the updated contiguous parameters back where the caller's were not contiguous.
@@ -155,8 +158,7 @@ at::Tensor mlp_sgd_step_cuda(const at::Tensor& idx, const at::Tensor& target, at
   // Work on contiguous parameters; copy back only if the caller's were not.
   const Params work = contiguous_params(table, weight1, bias1, weight2, bias2);
   // The loss has the parameters' dtype, like the CPU op and the fake kernel (ops.py).
-  at::Tensor loss = at::empty({}, table.options());
-  sgd_step_launch(index_tensor(idx), index_tensor(target), work, lr, loss);
+  const at::Tensor loss = sgd_step_launch(index_tensor(idx), index_tensor(target), work, lr);
   copy_back(work, {&table, &weight1, &bias1, &weight2, &bias2});
   check_index_errors();
   return loss;
@@ -175,9 +177,11 @@ at::Tensor mlp_sgd_steps_cuda(const at::Tensor& idx, const at::Tensor& target, a
   const Params work = contiguous_params(table, weight1, bias1, weight2, bias2);
   const at::Tensor idx_c = index_tensor(idx).view({K * B, T});
   const at::Tensor tgt_c = index_tensor(target).view({K * B});
-  // Every index of every step first: a bad one anywhere is recorded before the first
-  // step, and a recorded error makes every step skip its update (both paths), so the
-  // call raises with no parameter touched, like on CPU, at the same flat position.
+  // Every index of every step first: a bad one anywhere is recorded (at its flat position
+  // in the whole tensor, like on CPU; with several bad values which one is reported may
+  // differ) before the first step, and a recorded error makes every step skip its update
+  // (both paths), so the call raises with no parameter touched. (A host-side failure
+  // mid-loop, say out of memory at step k, leaves steps 0..k-1 applied.)
   const cudaStream_t stream = current_stream();
   launch_check_index_range(idx_c.const_data_ptr<int64_t>(), K * B * T, V, kArgIdx,
                            /*ignore_index=*/-1, index_error_record(), stream);

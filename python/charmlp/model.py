@@ -238,9 +238,10 @@ class MLPLanguageModel(nn.Module):
 
         idx ``[K, B, block_size]``, targets ``[K, B]``, one learning rate per step; returns the
         ``K`` losses (each before its update) as a ``[K]`` tensor. With ``fused=True`` and a
-        whole-model kernel this is one ``mlp_sgd_steps`` call, bitwise equal to ``K``
-        ``sgd_step`` calls but without their per-step Python round trip (the training
-        loop's inner loop); otherwise it is that loop.
+        whole-model kernel this is one ``mlp_sgd_steps`` call: the same kernels as ``K``
+        ``sgd_step`` calls (bitwise the same result on CPU; see :func:`charmlp.ops.mlp_sgd_steps`)
+        without their per-step Python round trip (the training loop's inner loop); otherwise
+        it is that loop.
         """
         if idx.dim() != 3 or idx.shape[2] != self.block_size:
             raise ValueError(

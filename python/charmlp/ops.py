@@ -332,9 +332,12 @@ def mlp_sgd_steps(
 ) -> Tensor:
     """``K`` fused plain-SGD steps in one call; returns the ``K`` pre-update losses.
 
-    Step ``k`` is exactly ``mlp_sgd_step(idx[k], target[k], ..., lr[k])`` (bitwise: the
-    same kernel loop, whatever ``K``); the steps run back to back in C++, without the
-    Python and dispatcher round trip that a loop of ``mlp_sgd_step`` calls pays per step.
+    Step ``k`` is exactly ``mlp_sgd_step(idx[k], target[k], ..., lr[k])``: the same kernels
+    whatever ``K``, so bitwise equal wherever the step itself is reproducible (always on
+    CPU; on CUDA the fused small-batch step, or any step under
+    ``torch.use_deterministic_algorithms(True)``). The steps run back to back in C++,
+    without the Python and dispatcher round trip that a loop of ``mlp_sgd_step`` calls
+    pays per step.
     Shapes: idx ``[K, B, T]``, target ``[K, B]``, parameters as in :func:`mlp_sgd_step`;
     ``lr`` is one number (or 0-d tensor) for every step or a sequence of ``K``; the result is
     ``[K]`` in the parameters' dtype. Every index of every step is checked before the

@@ -1,44 +1,59 @@
 #!/usr/bin/env python
-"""Question: how fast is the lecture's training loop per step: the seed notebook's eager loop
-vs a Python loop of ``model.sgd_step`` vs one ``model.sgd_steps`` call per chunk?
+"""Question: how fast is the lecture's training loop per step, for plain SGD and for AdamW: the
+seed notebook's eager loop vs a Python loop of fused steps vs one fused op call per chunk?
 
-    python benchmarks/bench_training_loop.py [--batch 32,256] [--chunk 1000] [--rounds 15]
-                                             [--warmup 2] [--threads N] [--data names|random]
-                                             [--quick] [--out DIR]
+    python benchmarks/bench_training_loop.py [--optimizer sgd|adamw|both] [--batch 32,256]
+                                             [--chunk 1000] [--rounds 15] [--warmup 2] [--threads N]
+                                             [--data names|random] [--quick] [--out DIR]
 
-``charmlp train`` runs the lecture's 200,000 plain-SGD steps of batch 32 in chunks (~0.2 s,
-up to 2,000 steps, minibatch rows drawn for the whole chunk at once). It used to run each
-chunk as a Python loop of ``model.sgd_step`` (one fused ``mlp_sgd_step`` op a step, its
-loss read back with ``float``); it now runs the chunk as one ``model.sgd_steps`` call (the
-``mlp_sgd_steps`` op: the same steps back to back in C++, bitwise equal). Three arms, each
-a full training-loop segment on its own copy of the same notebook-init weights
-(``MLPLanguageModel(27, 3, 10, 200, fused=True, init="notebook")``):
+``charmlp train`` runs the lecture's 200,000 steps of batch 32 in chunks (~0.2 s, up to 2,000
+steps, minibatch rows drawn for the whole chunk at once). Plain SGD used to run each chunk as a
+Python loop of ``model.sgd_step`` (one fused ``mlp_sgd_step`` op a step, its loss read back with
+``float``); it now runs the chunk as one ``model.sgd_steps`` call (the ``mlp_sgd_steps`` op: the
+same steps back to back in C++, bitwise equal). AdamW (``--optimizer adamw``: a fused
+``torch.optim.AdamW`` at train.py's defaults, lr 0.01 and weight decay 0.01) used to run each step
+as ``group["lr"] = lr``, ``model.forward_backward`` (the fused loss-and-gradients op) and
+``DirectFusedAdamW(opt)()`` (torch's fused AdamW kernel without torch.optim's Python); it now
+runs the chunk as one ``DirectFusedAdamW(opt).steps`` call (the ``mlp_adamw_steps`` op, bitwise
+equal). Three arms per optimizer, each a full training-loop segment on its own copy of the same
+notebook-init weights (``MLPLanguageModel(27, 3, 10, 200, fused=True, init="notebook")``) with
+its own optimizer:
 
 - ``seed``: the notebook's eager loop: ``emb = C[X]``, ``h = torch.tanh(emb.view(-1, 30) @ W1
-  + b1)``, ``logits = h @ W2 + b2``, ``F.cross_entropy``, ``p.grad = None``, ``loss.backward()``,
-  ``p.data += -lr * p.grad``, ``loss.item()`` (W1 [30, 200], W2 [200, 27] as in the notebook);
-- ``loop``: ``for j in range(k): losses.append(float(model.sgd_step(xs[j], ys[j], lr)))`` (what
-  train.py ran before ``sgd_steps``);
-- ``chunk``: ``losses = model.sgd_steps(xs, ys, [lr] * k).tolist()`` (what train.py runs now).
+  + b1)``, ``logits = h @ W2 + b2``, ``F.cross_entropy``, then SGD: ``p.grad = None``,
+  ``loss.backward()``, ``p.data += -lr * p.grad``; AdamW: ``opt.zero_grad(set_to_none=True)``,
+  ``loss.backward()``, ``opt.step()`` of a fused ``torch.optim.AdamW`` over the notebook's
+  tensors; then ``loss.item()`` (W1 [30, 200], W2 [200, 27] as in the notebook);
+- ``loop``: what train.py ran before: SGD ``for j in range(k): losses.append(float(
+  model.sgd_step(xs[j], ys[j], lr)))``; AdamW ``for j in range(k): group["lr"] = lr;
+  losses.append(float(model.forward_backward(xs[j], ys[j]))); direct()`` with
+  ``direct = DirectFusedAdamW(opt)``;
+- ``chunk``: what train.py runs now: SGD ``model.sgd_steps(xs, ys, [lr] * k).tolist()``; AdamW
+  ``DirectFusedAdamW(opt).steps(model, xs, ys, [lr] * k)``.
 
 One timed sample is a chunk of ``k`` steps (default 1,000) on fresh minibatches: rows of
 names.txt at block 3 built the makemore way (uniform random ids when names.txt is absent),
 drawn with ``torch.randint`` for every round and the same for every arm in that round (the
 drawing and the gather ``X[ix]`` are not timed: train.py does them outside its timer too);
-the metric is time per step. Arms run interleaved, in an order that rotates each round,
-after warm-up rounds; rounds during which other processes used more than 5 % of the CPUs
-are dropped and redone (as in the suite's harness). Reported: median and IQR over rounds,
-chunk vs loop and chunk vs seed. Before any timing, from identical weights, the same ``k``
-steps run through ``loop`` and ``chunk`` must give bitwise equal losses and parameters
-(``torch.equal``), and the seed loop's first-step loss must match the fused one to 1e-5
-relative; after timing, ``loop`` and ``chunk`` (which trained on the same minibatches
-throughout) are checked bitwise equal again. Writes training_loop.md (and .json) to --out
-(default: print only). CPU only.
+the metric is time per step. Every arm first takes one untimed step on the same minibatch (an
+AdamW optimizer's first step creates its state), then arms run interleaved, in an order that
+rotates each round, after warm-up rounds; rounds during which other processes used more than
+5 % of the CPUs are dropped and redone (as in the suite's harness). Reported: median and IQR
+over rounds, chunk vs loop and chunk vs seed. Before any timing: one fused step from the
+notebook weights (which creates the optimizer's state) is copied twice (model and optimizer
+state, ``copy.deepcopy``), the same ``k`` steps run through ``loop`` on one copy and ``chunk``
+on the other, and they must give bitwise equal losses, parameters and optimizer state
+(``exp_avg``, ``exp_avg_sq``, ``step``; ``torch.equal``); the seed loop's first-step loss must
+match the fused one to 1e-5 relative. After timing, ``loop`` and ``chunk`` (which trained on the
+same minibatches throughout) are checked bitwise equal again (parameters and optimizer state).
+Writes training_loop.md (and .json) to --out (default: print only): a table per optimizer.
+CPU only.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import shlex
@@ -53,12 +68,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as H  # noqa: E402
 
 import charmlp  # noqa: E402
+from charmlp.train import LR_DEFAULTS, WD_DEFAULTS, DirectFusedAdamW  # noqa: E402
 
-LR = 0.1  # the lecture's learning rate for its first 100,000 steps
 LECTURE_STEPS = 200_000
 V, T, E, HID = 27, 3, 10, 200
 ARMS = ("seed", "loop", "chunk")
-LABELS = {"seed": "seed eager loop", "loop": "Python loop of `sgd_step`", "chunk": "one `sgd_steps` per chunk"}
 LOSS_RTOL = 1e-5
 
 
@@ -74,46 +88,161 @@ def new_model() -> charmlp.MLPLanguageModel:
     return charmlp.MLPLanguageModel(vocab_size=V, block_size=T, emb_dim=E, hidden=HID, fused=True, init="notebook")
 
 
-class SeedLoop:
-    """The notebook's tensors (C, W1 [T*E, H], b1, W2 [H, V], b2) copied from a model."""
+# ---------------------------------------------------------------- the optimizers
+# An optimizer is a class whose instance is one fused model's training state (the model and
+# its optimizer) with the ``loop`` and ``chunk`` arms as methods; its ``seed_optimizer`` is
+# the seed loop's update over the notebook's tensors. Everything else is shared.
+
+
+class Optimizer:
+    name = title = ""
+    lr = weight_decay = 0.0
+    docs: dict[str, str] = {}  # arm -> what it runs
 
     def __init__(self, model: charmlp.MLPLanguageModel):
+        self.model = model
+
+    def loop(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
+        """k steps (xs [k, B, 3], ys [k, B]) as train.py ran them before: one step per iteration."""
+        raise NotImplementedError
+
+    def chunk(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
+        """The same k steps as train.py runs them now: one op call."""
+        raise NotImplementedError
+
+    def clone(self) -> "Optimizer":
+        """An independent copy: model and optimizer state (deep copies)."""
+        return type(self)(copy.deepcopy(self.model))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the next steps depend on: parameters and the optimizer's state."""
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    @classmethod
+    def seed_optimizer(cls, params: list[torch.Tensor]):
+        """(zero, update) of the seed loop over the notebook's tensors ``params``."""
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    """Plain SGD (``charmlp train``'s default): the model is the whole training state."""
+
+    name, title = "sgd", "Plain SGD"
+    lr, weight_decay = LR_DEFAULTS["sgd"][0], WD_DEFAULTS["sgd"]  # the lecture's 0.1 (first 100,000 steps)
+    docs = {"seed": "`p.grad = None`, `loss.backward()`, `p.data += -lr * p.grad`",
+            "loop": "`for j in range(k): losses.append(float(model.sgd_step(xs[j], ys[j], lr)))` "
+                    "(train.py before `sgd_steps`)",
+            "chunk": "`model.sgd_steps(xs, ys, [lr] * k).tolist()` (train.py now)"}
+
+    def loop(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
+        model, lr = self.model, self.lr
+        losses = []
+        for j in range(xs.shape[0]):
+            losses.append(float(model.sgd_step(xs[j], ys[j], lr)))
+        return losses
+
+    def chunk(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
+        return self.model.sgd_steps(xs, ys, [self.lr] * xs.shape[0]).tolist()
+
+    @classmethod
+    def seed_optimizer(cls, params: list[torch.Tensor]):
+        """The notebook's own two lines."""
+        lr = cls.lr
+
+        def zero():
+            for p in params:
+                p.grad = None
+
+        def update():
+            for p in params:
+                p.data += -lr * p.grad
+
+        return zero, update
+
+
+class AdamW(Optimizer):
+    """A fused ``torch.optim.AdamW`` at ``charmlp train --optimizer adamw``'s defaults."""
+
+    name, title = "adamw", "AdamW"
+    lr, weight_decay = LR_DEFAULTS["adamw"][0], WD_DEFAULTS["adamw"]
+    docs = {"seed": "`opt.zero_grad(set_to_none=True)`, `loss.backward()`, `opt.step()` (fused "
+                    "`torch.optim.AdamW` over the notebook's tensors)",
+            "loop": "`for j in range(k): group[\"lr\"] = lr; losses.append(float(model.forward_backward(xs[j], "
+                    "ys[j]))); direct()` with `direct = DirectFusedAdamW(opt)` (train.py before `mlp_adamw_steps`)",
+            "chunk": "`DirectFusedAdamW(opt).steps(model, xs, ys, [lr] * k)` (one `mlp_adamw_steps` op; "
+                     "train.py now)"}
+
+    @classmethod
+    def new_optimizer(cls, params) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=cls.lr, weight_decay=cls.weight_decay, fused=True)
+
+    def __init__(self, model: charmlp.MLPLanguageModel, opt_state: dict | None = None):
+        super().__init__(model)
+        self.opt = self.new_optimizer(model.parameters())  # (train.py's order: the op's)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        self.direct = DirectFusedAdamW(self.opt)
+        assert DirectFusedAdamW.applies(self.opt) and self.direct.fits(model)
+
+    def loop(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
+        model, group, direct, lr = self.model, self.opt.param_groups[0], self.direct, self.lr
+        losses = []
+        for j in range(xs.shape[0]):
+            group["lr"] = lr
+            losses.append(float(model.forward_backward(xs[j], ys[j])))
+            direct()
+        return losses
+
+    def chunk(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
+        return self.direct.steps(self.model, xs, ys, [self.lr] * xs.shape[0])
+
+    def clone(self) -> "AdamW":
+        # (a copy of the state dict: load_state_dict may keep the very tensors it is given)
+        return type(self)(copy.deepcopy(self.model), copy.deepcopy(self.opt.state_dict()))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        st = super().state()
+        for (name, _), p in zip(self.model.named_parameters(), self.opt.param_groups[0]["params"]):
+            for key, t in self.opt.state.get(p, {}).items():
+                st[f"{name}.{key}"] = t
+        return st
+
+    @classmethod
+    def seed_optimizer(cls, params: list[torch.Tensor]):
+        opt = cls.new_optimizer(params)
+        return (lambda: opt.zero_grad(set_to_none=True)), opt.step
+
+
+OPTIMIZERS = {o.name: o for o in (SGD, AdamW)}
+
+
+class SeedLoop:
+    """The notebook's tensors (C, W1 [T*E, H], b1, W2 [H, V], b2) copied from a model, trained
+    by the notebook's eager loop with ``optim``'s seed update."""
+
+    def __init__(self, model: charmlp.MLPLanguageModel, optim: type[Optimizer]):
         self.C = model.embed.table.detach().clone().requires_grad_()
         self.W1 = model.embed.weight.detach().t().contiguous().requires_grad_()
         self.b1 = model.embed.bias.detach().clone().requires_grad_()
         self.W2 = model.head.weight.detach().t().contiguous().requires_grad_()
         self.b2 = model.head.bias.detach().clone().requires_grad_()
         self.parameters = [self.C, self.W1, self.b1, self.W2, self.b2]
+        self.zero, self.update = optim.seed_optimizer(self.parameters)
 
-    def run(self, xs: torch.Tensor, ys: torch.Tensor, lr: float) -> list[float]:
+    def run(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
         C, W1, b1, W2, b2 = self.parameters
-        parameters = self.parameters
+        zero, update = self.zero, self.update
         losses = []
         for j in range(xs.shape[0]):
             emb = C[xs[j]]
             h = torch.tanh(emb.view(-1, T * E) @ W1 + b1)
             logits = h @ W2 + b2
             loss = F.cross_entropy(logits, ys[j])
-            for p in parameters:
-                p.grad = None
+            zero()
             loss.backward()
-            for p in parameters:
-                p.data += -lr * p.grad
+            update()
             losses.append(loss.item())
         return losses
-
-
-def loop_run(model: charmlp.MLPLanguageModel, xs: torch.Tensor, ys: torch.Tensor, lr: float) -> list[float]:
-    """What train.py ran before sgd_steps: one fused step per Python iteration."""
-    losses = []
-    for j in range(xs.shape[0]):
-        losses.append(float(model.sgd_step(xs[j], ys[j], lr)))
-    return losses
-
-
-def chunk_run(model: charmlp.MLPLanguageModel, xs: torch.Tensor, ys: torch.Tensor, lr: float) -> list[float]:
-    """What train.py runs now: the whole chunk in one op call."""
-    return model.sgd_steps(xs, ys, [lr] * xs.shape[0]).tolist()
 
 
 def draw(X, Y, k: int, batch: int, gen: torch.Generator):
@@ -121,50 +250,62 @@ def draw(X, Y, k: int, batch: int, gen: torch.Generator):
     return X[ix].contiguous(), Y[ix].contiguous()
 
 
-def params_equal(a: charmlp.MLPLanguageModel, b: charmlp.MLPLanguageModel) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+def differing(a: Optimizer, b: Optimizer) -> list[str]:
+    """Names of the state tensors (parameters, optimizer state) not bitwise equal in a and b."""
+    sa, sb = a.state(), b.state()
+    assert sa.keys() == sb.keys(), (sa.keys(), sb.keys())
+    return [name for name in sa if not torch.equal(sa[name], sb[name])]
 
 
-def gate(X, Y, k: int, batch: int, gen: torch.Generator) -> dict:
-    """From identical weights: the same k steps through loop and chunk are bitwise equal
-    (losses and parameters); the seed loop's first-step loss matches the fused one."""
-    xs, ys = draw(X, Y, k, batch, gen)
-    m_loop, m_chunk = new_model(), new_model()
-    assert params_equal(m_loop, m_chunk), "two notebook-init models differ"
-    seed = SeedLoop(new_model())
-    with torch.no_grad():
-        loop_losses = torch.stack([m_loop.sgd_step(xs[j], ys[j], LR) for j in range(k)])
-        chunk_losses = m_chunk.sgd_steps(xs, ys, [LR] * k)
+def gate(optim: type[Optimizer], X, Y, k: int, batch: int, gen: torch.Generator) -> dict:
+    """One fused step from the notebook weights (it creates the optimizer's state), copied
+    twice: the same k steps through loop on one copy and chunk on the other are bitwise equal
+    (losses, parameters, optimizer state); the seed loop's first-step loss matches the fused one."""
+    xs, ys = draw(X, Y, k + 1, batch, gen)
+    base = optim(new_model())
+    seed = SeedLoop(new_model(), optim)
+    fused_first = base.loop(xs[:1], ys[:1])[0]
+    seed_first = seed.run(xs[:1], ys[:1])[0]
+    a, b = base.clone(), base.clone()
+    ptrs = [{t.data_ptr() for t in m.state().values()} for m in (base, a, b)]
+    assert not (ptrs[0] & ptrs[1] or ptrs[0] & ptrs[2] or ptrs[1] & ptrs[2]), "the copies share tensors"
+    assert not differing(a, base) and not differing(b, base), "the copies differ from the original"
+    loop_losses = torch.tensor(a.loop(xs[1:], ys[1:]))
+    chunk_losses = torch.tensor(b.chunk(xs[1:], ys[1:]))
     losses_equal = torch.equal(loop_losses, chunk_losses)
-    differing = [name for (name, p), q in zip(m_loop.named_parameters(), m_chunk.parameters())
-                 if not torch.equal(p, q)]
-    seed_first = seed.run(xs[:1], ys[:1], LR)[0]
-    fused_first = float(chunk_losses[0])
+    diff = differing(a, b)
+    params = {name for name, _ in a.model.named_parameters()}
+    opt_state = [name for name in a.state() if name not in params]
     seed_rel = abs(seed_first - fused_first) / abs(fused_first)
-    res = {"steps": k, "batch": batch, "loop_chunk_losses_bitwise_equal": losses_equal,
-           "loop_chunk_params_bitwise_equal": not differing, "params_differing": differing,
+    res = {"optimizer": optim.name, "steps": k, "batch": batch, "loop_chunk_losses_bitwise_equal": losses_equal,
+           "loop_chunk_params_bitwise_equal": not any(n in params for n in diff),
+           "params_differing": [n for n in diff if n in params],
+           "optimizer_state": opt_state, "loop_chunk_optimizer_state_bitwise_equal": not any(n not in params for n in diff),
+           "optimizer_state_differing": [n for n in diff if n not in params],
            "seed_first_loss": seed_first, "fused_first_loss": fused_first, "seed_first_loss_rel_err": seed_rel,
            "final_loss": float(chunk_losses[-1])}
-    res["passed"] = losses_equal and not differing and seed_rel <= LOSS_RTOL
+    res["passed"] = losses_equal and not diff and seed_rel <= LOSS_RTOL
     if not res["passed"]:
-        raise SystemExit(f"B={batch}: FAILED the correctness gate: {res}")
+        raise SystemExit(f"{optim.name} B={batch}: FAILED the correctness gate: {res}")
     return res
 
 
-def bench(X, Y, batch: int, k: int, rounds: int, warmup: int, seed: int = 0) -> dict:
+def bench(optim: type[Optimizer], X, Y, batch: int, k: int, rounds: int, warmup: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    res = {"batch": batch, "chunk": k, "gate": gate(X, Y, k, batch, gen)}
-    m_loop, m_chunk = new_model(), new_model()
-    seed_loop = SeedLoop(new_model())
-    runs = {"seed": lambda xs, ys: seed_loop.run(xs, ys, LR),
-            "loop": lambda xs, ys: loop_run(m_loop, xs, ys, LR),
-            "chunk": lambda xs, ys: chunk_run(m_chunk, xs, ys, LR)}
+    res = {"optimizer": optim.name, "batch": batch, "chunk": k, "gate": gate(optim, X, Y, k, batch, gen)}
+    m_loop, m_chunk = optim(new_model()), optim(new_model())
+    seed_loop = SeedLoop(new_model(), optim)
+    runs = {"seed": seed_loop.run, "loop": m_loop.loop, "chunk": m_chunk.chunk}
+    # one untimed step of every arm on the same minibatch: an optimizer's first step creates its state
+    xs, ys = draw(X, Y, 1, batch, gen)
+    for arm in ARMS:
+        runs[arm](xs, ys)
     samples = {a: [] for a in ARMS}
     final_losses = {}
     cont = H.Contention()
     kept = dropped = attempts = 0
     contended = False
-    steps_run = 0
+    steps_run = 1
     max_attempts = warmup + 3 * rounds
     gc_was = gc.isenabled()
     while kept < rounds:
@@ -201,10 +342,12 @@ def bench(X, Y, batch: int, k: int, rounds: int, warmup: int, seed: int = 0) -> 
                 "summary": {arm: H.summarize(s) for arm, s in samples.items()},
                 "final_loss": final_losses})
     # loop and chunk trained on the same minibatches from the same weights throughout
-    res["after_timing_bitwise_equal"] = params_equal(m_loop, m_chunk)
-    if not res["after_timing_bitwise_equal"]:
-        raise SystemExit(f"B={batch}: loop and chunk diverged during timing (not bitwise equal after "
-                         f"{steps_run:,} steps)")
+    diff = differing(m_loop, m_chunk)
+    res["after_timing_differing"] = diff
+    res["after_timing_bitwise_equal"] = not diff
+    if diff:
+        raise SystemExit(f"{optim.name} B={batch}: loop and chunk diverged during timing (not bitwise equal after "
+                         f"{steps_run:,} steps: {', '.join(diff)})")
     med = {arm: res["summary"][arm]["median_s"] for arm in ARMS}
     res["chunk_vs_loop"] = med["loop"] / med["chunk"]
     res["chunk_vs_seed"] = med["seed"] / med["chunk"]
@@ -232,6 +375,7 @@ def table(results: list[dict]) -> list[str]:
 
 def render(results: list[dict], env: dict, source: str, args, command: str) -> list[str]:
     bi = env["charmlp_build_info"]
+    optims = [o for o in OPTIMIZERS.values() if any(r["optimizer"] == o.name for r in results)]
     L = ["# The lecture's training loop, per step", "",
          f"Command: `{command}`", "",
          f"- date: {env['date']}; CPU: {env['cpu_model']}, {env['cpu_count']} logical CPUs; "
@@ -241,33 +385,50 @@ def render(results: list[dict], env: dict, source: str, args, command: str) -> l
          f"- torch {env['torch']}, Python {env['python']}; charmlp {env['charmlp']} build: "
          + ", ".join(f"{k}={v}" for k, v in bi.items()),
          f"- data: {source}; minibatches drawn with `torch.randint` each round, the same for every arm",
-         f"- model: `MLPLanguageModel(27, 3, 10, 200, fused=True, init=\"notebook\")`, plain SGD at lr {LR}; "
-         f"each arm trains its own copy from the same weights",
+         "- model: `MLPLanguageModel(27, 3, 10, 200, fused=True, init=\"notebook\")`, "
+         + "; ".join(f"{o.title} at lr {o.lr:g}" + (f", weight decay {o.weight_decay:g} (fused `torch.optim.AdamW`, "
+                                                     "`charmlp train --optimizer adamw`'s defaults)"
+                                                     if o.weight_decay else "") for o in optims)
+         + "; each arm trains its own copy from the same weights with its own optimizer",
          f"- a timed sample is one chunk of {args.chunk:,} steps of an arm (per-step time = chunk time / "
-         f"{args.chunk:,}); arms interleaved, order rotated each round, {args.warmup} warm-up round(s) first; cells: "
+         f"{args.chunk:,}); every arm first takes one untimed step (it creates an optimizer's state); arms "
+         f"interleaved, order rotated each round, {args.warmup} warm-up round(s) first; cells: "
          "median over the rounds ±half the inter-quartile range (% of the median); ratios are medians' ratios. "
          "Rounds during which other processes used more than 5 % of the CPUs are dropped and redone; clean rounds "
-         "(dropped): " + ", ".join(f"B={r['batch']} {r['kept_rounds']} ({r['dropped_rounds']})" for r in results),
+         "(dropped): " + ", ".join(f"{r['optimizer']} B={r['batch']} {r['kept_rounds']} ({r['dropped_rounds']})"
+                                   for r in results),
          "- arms: **seed** = the notebook's eager step loop (`C[X]`, `tanh(emb.view(-1, 30) @ W1 + b1)`, "
-         "`@ W2 + b2`, `F.cross_entropy`, `p.grad = None`, `loss.backward()`, `p.data += -lr * p.grad`, "
-         "`loss.item()`); **loop** = `for j in range(k): losses.append(float(model.sgd_step(xs[j], ys[j], lr)))` "
-         "(train.py before `sgd_steps`); **chunk** = `model.sgd_steps(xs, ys, [lr] * k).tolist()` (train.py now)",
+         "`@ W2 + b2`, `F.cross_entropy`, the optimizer's update, `loss.item()`)",
          ""]
-    contended = [str(r["batch"]) for r in results if r["contended"]]
+    contended = [f"{r['optimizer']} B={r['batch']}" for r in results if r["contended"]]
     if contended:
-        L += [f"> **Warning:** too few clean rounds at B={', '.join(contended)}: other processes kept using the "
+        L += [f"> **Warning:** too few clean rounds at {', '.join(contended)}: other processes kept using the "
               "CPUs; those rows include contended rounds. Rerun on a quiet machine.", ""]
-    L += table(results) + [""]
+    for o in optims:
+        L += [f"## {o.title}", "",
+              "; ".join(f"**{arm}** = {o.docs[arm]}" for arm in ARMS) + ".", ""]
+        L += table([r for r in results if r["optimizer"] == o.name]) + [""]
     L += ["## Correctness gate (before timing)", "",
-          "| batch | steps | loop vs chunk: losses | loop vs chunk: parameters | seed vs fused, first-step loss "
-          "(rel. err, tol 1e-5) | loop vs chunk after timing |", "|---|---|---|---|---|---|"]
+          "From one fused step from the notebook weights, copied twice (model and optimizer state): the same "
+          "steps through loop on one copy and chunk on the other; after timing, the loop and chunk arms "
+          "(same minibatches throughout) again.", "",
+          "| optimizer | batch | steps | loop vs chunk: losses | loop vs chunk: parameters | "
+          "loop vs chunk: optimizer state | seed vs fused, first-step loss (rel. err, tol 1e-5) | "
+          "loop vs chunk after timing |", "|---|---|---|---|---|---|---|---|"]
+
+    def equal(ok: bool, names: list[str]) -> str:
+        return "bitwise equal" if ok else "DIFFER: " + ", ".join(names)
+
     for r in results:
         g = r["gate"]
-        params = "bitwise equal" if g["loop_chunk_params_bitwise_equal"] else "DIFFER: " + ", ".join(g["params_differing"])
-        L.append(f"| {r['batch']} | {g['steps']:,} | "
-                 f"{'bitwise equal' if g['loop_chunk_losses_bitwise_equal'] else 'DIFFER'} | {params} | "
+        state = ("none (SGD has none)" if not g["optimizer_state"] else
+                 equal(g["loop_chunk_optimizer_state_bitwise_equal"], g["optimizer_state_differing"])
+                 + " (" + ", ".join(sorted({n.rsplit(".", 1)[1] for n in g["optimizer_state"]})) + ")")
+        L.append(f"| {r['optimizer']} | {r['batch']} | {g['steps']:,} | "
+                 f"{'bitwise equal' if g['loop_chunk_losses_bitwise_equal'] else 'DIFFER'} | "
+                 f"{equal(g['loop_chunk_params_bitwise_equal'], g['params_differing'])} | {state} | "
                  f"{g['seed_first_loss']:.6f} vs {g['fused_first_loss']:.6f} ({g['seed_first_loss_rel_err']:.1e}) | "
-                 f"{'bitwise equal' if r['after_timing_bitwise_equal'] else 'DIFFER'} after "
+                 f"{equal(r['after_timing_bitwise_equal'], r['after_timing_differing'])} after "
                  f"{r['steps_per_arm']:,} steps |")
     verdict = "PASS" if all(r["gate"]["passed"] and r["after_timing_bitwise_equal"] for r in results) else "FAIL"
     L += ["", f"Gate: **{verdict}**.", ""]
@@ -276,6 +437,8 @@ def render(results: list[dict], env: dict, source: str, args, command: str) -> l
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optimizer", default="both", choices=("sgd", "adamw", "both"),
+                   help="plain SGD, AdamW or both (default both)")
     p.add_argument("--batch", default="32", help="comma-separated batch sizes (default 32, the lecture's)")
     p.add_argument("--chunk", type=int, default=None, help="steps per timed sample, k (default 1000; quick 20)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per batch size (default 15; quick 2)")
@@ -294,17 +457,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    optims = list(OPTIMIZERS.values()) if args.optimizer == "both" else [OPTIMIZERS[args.optimizer]]
     env = H.environment(torch.device("cpu"), threads)
     X, Y, source = load_data(args.data)
     print(f"training loop benchmark: {threads} threads, data {source}, k={args.chunk}, "
           f"{args.rounds} rounds (+{args.warmup} warm-up)", flush=True)
     t0 = time.perf_counter()
     results = []
-    for batch in batches:
-        r = bench(X, Y, batch, args.chunk, args.rounds, args.warmup)
-        results.append(r)
-        print(f"B={batch}: " + ", ".join(f"{a} {H.fmt_time(r['summary'][a]['median_s'])}/step" for a in ARMS)
-              + f"; chunk vs loop {r['chunk_vs_loop']:.2f}x, vs seed {r['chunk_vs_seed']:.1f}x", flush=True)
+    for optim in optims:
+        for batch in batches:
+            r = bench(optim, X, Y, batch, args.chunk, args.rounds, args.warmup)
+            results.append(r)
+            print(f"{optim.name} B={batch}: "
+                  + ", ".join(f"{a} {H.fmt_time(r['summary'][a]['median_s'])}/step" for a in ARMS)
+                  + f"; chunk vs loop {r['chunk_vs_loop']:.2f}x, vs seed {r['chunk_vs_seed']:.1f}x", flush=True)
     env["loadavg_end"] = H._loadavg()
     given = sys.argv[1:] if argv is None else list(argv)
     command = "python benchmarks/bench_training_loop.py" + (" " + shlex.join(given) if given else "")
@@ -314,8 +480,10 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "training_loop.md").write_text("\n".join(lines))
-        blob = {"command": command, "environment": env, "data": source, "lr": LR,
-                "config": {"chunk": args.chunk, "rounds": args.rounds, "warmup": args.warmup, "batches": batches},
+        blob = {"command": command, "environment": env, "data": source,
+                "optimizers": {o.name: {"lr": o.lr, "weight_decay": o.weight_decay} for o in optims},
+                "config": {"chunk": args.chunk, "rounds": args.rounds, "warmup": args.warmup, "batches": batches,
+                           "optimizers": [o.name for o in optims]},
                 "elapsed_s": time.perf_counter() - t0, "results": results}
         (out / "training_loop.json").write_text(json.dumps(H._jsonable(blob), indent=1))
     return 0

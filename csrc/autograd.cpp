@@ -17,16 +17,13 @@
 #include <tuple>
 #include <vector>
 
+#include "op_handles.h"
+
 namespace charmlp {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // The options every cross-entropy node keeps for its backward.
 struct LossOptions {
@@ -59,15 +56,6 @@ using LinearCrossEntropyAndGrads =
         int64_t, int64_t, double);
 c10::TypedOperatorHandle<LinearCrossEntropyAndGrads>& linear_cross_entropy_and_grads_op() {
   static auto op = op_handle<LinearCrossEntropyAndGrads>("charmlp::linear_cross_entropy_and_grads");
-  return op;
-}
-
-using MlpCrossEntropyAndGrads =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, const at::Tensor&);
-c10::TypedOperatorHandle<MlpCrossEntropyAndGrads>& mlp_cross_entropy_and_grads_op() {
-  static auto op = op_handle<MlpCrossEntropyAndGrads>("charmlp::mlp_cross_entropy_and_grads");
   return op;
 }
 

@@ -89,4 +89,13 @@ TORCH_LIBRARY(charmlp, m) {
   m.def(
       "mlp_sgd_steps(Tensor idx, Tensor target, Tensor(a!) table, Tensor(b!) weight1, "
       "Tensor(c!) bias1, Tensor(d!) weight2, Tensor(e!) bias2, float[] lr) -> Tensor");
+  // K AdamW steps (torch.optim.AdamW's update, fused=True) in one call: step k is
+  // mlp_cross_entropy_and_grads(idx[k], target[k], *params), state_steps += 1, then
+  // _fused_adamw_ with lr[k] on the optimizer's state. A composite of those ops
+  // (csrc/mlp_adamw_steps.cpp). params, exp_avgs, exp_avg_sqs, state_steps: 5 each,
+  // in the order table, weight1, bias1, weight2, bias2. -> losses [K]
+  m.def(
+      "mlp_adamw_steps(Tensor idx, Tensor target, Tensor(a!)[] params, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, float[] lr, float beta1, float beta2, "
+      "float weight_decay, float eps) -> Tensor");
 }

@@ -77,7 +77,7 @@ ops = sorted({s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas()
 if len(ops) < 7:
     sys.exit(f"check_cuda_build: FAILED (the charmlp library registered only {ops})")
 missing = [op for op in ops
-           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA")]
+           if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA")]
 print(f"build_info: cuda={info['cuda']} arch={info['cuda_arch_list']!r} "
       f"cuda_version={info['cuda_version']!r} torch={info['torch_version']}")
 for op in ops:

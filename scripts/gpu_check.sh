@@ -110,7 +110,7 @@ info = charmlp.build_info()
 print({k: v for k, v in info.items() if k != "parallel"})
 ok = torch.cuda.is_available() and charmlp.has_cuda_kernels()
 for op in charmlp.ops.op_names():
-    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA")
+    has = torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"charmlp::{op}", "CUDA")
     ok = ok and has
     print(op, "CUDA kernel:", has)
 print("CUDA-READY" if ok else "CUDA-NOT-READY")

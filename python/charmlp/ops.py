@@ -28,6 +28,7 @@ __all__ = [
     "mlp_cross_entropy",
     "mlp_sgd_step",
     "mlp_sgd_steps",
+    "mlp_adamw_steps",
     "op_names",
     "reduction_code",
 ]
@@ -320,6 +321,14 @@ def _mlp_sgd_step_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
 # --------------------------------------------------------------------------------------
 
 
+def _per_step_lrs(idx: Tensor, lr) -> list[float]:
+    """One float per step (idx [K, B, T]) from one number (or 0-d tensor) or a sequence."""
+    K = idx.shape[0] if idx.dim() == 3 else 0  # a wrong rank is reported by the op itself
+    if isinstance(lr, numbers.Real) or (isinstance(lr, Tensor) and lr.dim() == 0):
+        return [float(lr)] * K
+    return [float(x) for x in lr]
+
+
 def mlp_sgd_steps(
     idx: Tensor,
     target: Tensor,
@@ -344,11 +353,7 @@ def mlp_sgd_steps(
     first step runs: a bad one raises ``IndexError`` with no parameter changed. Call it
     under ``torch.no_grad()`` when the parameters require grad.
     """
-    K = idx.shape[0] if idx.dim() == 3 else 0  # a wrong rank is reported by the op itself
-    if isinstance(lr, numbers.Real) or (isinstance(lr, Tensor) and lr.dim() == 0):
-        lrs = [float(lr)] * K
-    else:
-        lrs = [float(x) for x in lr]
+    lrs = _per_step_lrs(idx, lr)
     return torch.ops.charmlp.mlp_sgd_steps.default(idx, target, table, weight1, bias1, weight2, bias2, lrs)
 
 
@@ -362,6 +367,61 @@ def _mlp_sgd_steps_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
         target.dim() == 2 and target.shape == idx.shape[:2],
         lambda: f"charmlp: target must have shape [K, B], got {tuple(target.shape)}",
     )
+    torch._check(
+        len(lr) == idx.shape[0],
+        lambda: f"charmlp: lr must hold one learning rate per step (K = {idx.shape[0]}), got {len(lr)}",
+    )
+    return table.new_empty((idx.shape[0],))
+
+
+# --------------------------------------------------------------------------------------
+# mlp_adamw_steps
+# --------------------------------------------------------------------------------------
+
+
+def mlp_adamw_steps(
+    idx: Tensor,
+    target: Tensor,
+    params: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    lr: float | Sequence[float],
+    *,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    weight_decay: float = 0.01,
+    eps: float = 1e-8,
+) -> Tensor:
+    """``K`` AdamW training steps of the whole model in one call; returns the ``K`` losses.
+
+    Step ``k`` computes the mean cross-entropy and its gradients on ``idx[k]``,
+    ``target[k]`` (``mlp_cross_entropy_and_grads``), then applies the update of
+    ``torch.optim.AdamW(fused=True)`` with learning rate ``lr[k]``: ``state_steps += 1``
+    and ``torch._fused_adamw_`` on ``exp_avgs`` / ``exp_avg_sqs``. Given an optimizer's
+    state tensors (``opt.state[p]["exp_avg"]``, ``["exp_avg_sq"]``, ``["step"]``) this is
+    bitwise that optimizer's loop of ``model.forward_backward`` + ``opt.step()``, without
+    its Python per step, and leaves the state in that optimizer's format. ``params`` and
+    each state list hold five tensors in the order table ``[V, E]``, weight1 ``[H, T*E]``,
+    bias1 ``[H]``, weight2 ``[V, H]``, bias2 ``[V]``; idx ``[K, B, T]``, target ``[K, B]``;
+    ``lr`` one number for every step or a sequence of ``K``. Every index is checked before
+    the first step (a bad one raises ``IndexError`` with nothing changed). Call it under
+    ``torch.no_grad()`` when the parameters require grad.
+    """
+    lrs = _per_step_lrs(idx, lr)
+    return torch.ops.charmlp.mlp_adamw_steps.default(
+        idx, target, list(params), list(exp_avgs), list(exp_avg_sqs), list(state_steps), lrs,
+        float(beta1), float(beta2), float(weight_decay), float(eps)
+    )
+
+
+@torch.library.register_fake("charmlp::mlp_adamw_steps")
+def _mlp_adamw_steps_fake(idx, target, params, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
+                          weight_decay, eps):
+    torch._check(len(params) == 5, lambda: f"charmlp: params must hold 5 tensors, got {len(params)}")
+    table = params[0]
+    _check_same_device(table, "table", idx=idx, target=target)
+    torch._check(idx.dim() == 3, lambda: f"charmlp: idx must be 3-D [K, B, T], got {tuple(idx.shape)}")
     torch._check(
         len(lr) == idx.shape[0],
         lambda: f"charmlp: lr must hold one learning rate per step (K = {idx.shape[0]}), got {len(lr)}",

@@ -10,9 +10,11 @@ model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD a
   runs each chunk as one :meth:`MLPLanguageModel.sgd_steps` call: the ``mlp_sgd_steps`` op
   does the chunk's fused forward + backward + update steps back to back in C++, bitwise
   the steps a loop of :meth:`~MLPLanguageModel.sgd_step` calls would take, without a
-  Python round trip per step. AdamW (and SGD with weight decay) take the model's fused loss-and-gradients op
-  and a fused torch optimizer; AdamW's step skips torch.optim's Python
-  (:class:`DirectFusedAdamW`, bitwise the same update).
+  Python round trip per step. AdamW runs each chunk as one ``mlp_adamw_steps`` op call
+  (:meth:`DirectFusedAdamW.steps`): per step the model's fused loss-and-gradients op, then
+  the two ATen calls of a fused ``torch.optim.AdamW`` on that optimizer's own state, bitwise
+  its ``opt.step()``. SGD with weight decay takes the fused loss-and-gradients op and a
+  fused ``torch.optim.SGD`` step by step.
 * **Reproducibility.** Parameters are drawn from ``torch.Generator().manual_seed(seed)``
   (the notebook's generator for the default seed 2147483647) and minibatches from a
   dedicated generator seeded from ``(seed, rank)``; nothing depends on global RNG state.
@@ -55,6 +57,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import Corpus, Split, Vocab, build_examples, load_corpus, split_words
+from . import ops
 from .model import NOTEBOOK_SEED, MLPLanguageModel
 from .sample import format_samples, sample_words
 
@@ -603,16 +606,58 @@ class DirectFusedAdamW:
         self.opt = opt
         self._state = None  # (weights, exp_avgs, exp_avg_sqs, steps) once the state exists
 
-    def __call__(self) -> None:
-        group = self.opt.param_groups[0]
-        params = group["params"]
+    def _bind(self) -> bool:
+        """Binds the state tensors once they exist; False before the first step."""
         if self._state is None:
+            params = self.opt.param_groups[0]["params"]
             if any(p not in self.opt.state for p in params):
-                self.opt.step()  # the first step creates the state, exactly as torch does
-                return
+                return False
             st = [self.opt.state[p] for p in params]  # (also a state loaded from a checkpoint)
             self._state = ([p.detach() for p in params], [s["exp_avg"] for s in st],
                            [s["exp_avg_sq"] for s in st], [s["step"] for s in st])
+        return True
+
+    def fits(self, model: MLPLanguageModel) -> bool:
+        """Whether :meth:`steps` can train ``model``: a fused model with a whole-model kernel
+        for its parameters, which are this optimizer's in the op's order."""
+        params = model._step_parameters()
+        return (model.fused and model._whole_model_kernel_available(params[0])
+                and len(self.opt.param_groups[0]["params"]) == len(params)
+                and all(a is b for a, b in zip(self.opt.param_groups[0]["params"], params)))
+
+    def steps(self, model, idx: torch.Tensor, targets: torch.Tensor, lrs: list[float]) -> list[float]:
+        """``K`` training steps of ``model`` (whose parameters this optimizer holds, in the
+        model's order) with learning rates ``lrs``: bitwise the loop of
+        ``model.forward_backward(idx[k], targets[k])`` and ``self()``, as one
+        ``mlp_adamw_steps`` op call (no Python per step). Returns the ``K`` losses; leaves
+        ``.grad`` unset and the group's lr at ``lrs[-1]``."""
+        group = self.opt.param_groups[0]
+        losses: list[float] = []
+        if lrs and not self._bind():  # the first step creates the state, as torch does
+            group["lr"] = lrs[0]
+            losses.append(float(model.forward_backward(idx[0], targets[0])))
+            self.opt.step()
+            idx, targets, lrs = idx[1:], targets[1:], lrs[1:]
+            self._bind()
+        if lrs:
+            weights, exp_avgs, exp_avg_sqs, steps = self._state
+            beta1, beta2 = group["betas"]
+            with torch.no_grad():
+                out = ops.mlp_adamw_steps(idx, targets, weights, exp_avgs, exp_avg_sqs, steps, lrs,
+                                          beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                          eps=group["eps"])
+            losses += out.tolist()
+            group["lr"] = lrs[-1]
+        for p in group["params"]:
+            p.grad = None
+        return losses
+
+    def __call__(self) -> None:
+        group = self.opt.param_groups[0]
+        params = group["params"]
+        if not self._bind():
+            self.opt.step()  # the first step creates the state, exactly as torch does
+            return
         grads = [p.grad for p in params]
         if any(g is None for g in grads):
             self.opt.step()
@@ -682,7 +727,9 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         f"{nparams:,} parameters, {cfg.init} init; {path} on {device}, "
         f"{torch.get_num_threads()} thread(s)" + (f", {d.world_size} DDP processes" if d.enabled else ""))
     how = ("" if cfg.reference or d.enabled else
-           " (fused steps, a chunk per op call)" if fast_sgd else " (fused loss and gradients, then fused torch.optim)")
+           " (fused steps, a chunk per op call)" if fast_sgd else
+           " (fused loss and gradients + torch's fused AdamW update, a chunk per op call)"
+           if cfg.optimizer == "adamw" else " (fused loss and gradients, then fused torch.optim)")
     say(f"training: {cfg.steps:,} steps of batch {cfg.batch_size}"
         + (" per process" if d.enabled else "")
         + f", {cfg.optimizer}{how}, lr {cfg.lr_schedule} "
@@ -769,8 +816,10 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         return loss
 
     # DDP reduces gradients from autograd hooks: it needs the autograd path.
-    # (Plain SGD without DDP runs whole chunks through model.sgd_steps below.)
+    # (Plain SGD without DDP runs whole chunks through model.sgd_steps below, and AdamW
+    # through DirectFusedAdamW.steps when the model is fused.)
     step_fn = autograd_step if d.enabled else fused_grads_step
+    fast_adamw = isinstance(opt_step, DirectFusedAdamW) and opt_step.fits(model)
     on_cpu = device.type == "cpu"
     ntr = Xtr.shape[0]
     chunk = 64
@@ -797,14 +846,16 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
             lrs, losses = [], []
             t0 = time.perf_counter()
             done = k
-            if fast_sgd:
-                # The whole chunk in one op (mlp_sgd_steps: the same steps, bitwise, without
-                # a Python round trip each); a stop request is seen between chunks (~0.2 s).
+            if fast_sgd or fast_adamw:
+                # The whole chunk in one op (mlp_sgd_steps / mlp_adamw_steps: the same steps,
+                # bitwise, without a Python round trip each); a stop request is seen between
+                # chunks (~0.2 s).
                 if stop.requested:
                     done = 0
                 else:
                     lrs = [learning_rate(cfg, step + j) for j in range(k)]
-                    losses = model.sgd_steps(xs, ys, lrs).tolist()
+                    losses = (model.sgd_steps(xs, ys, lrs).tolist() if fast_sgd
+                              else opt_step.steps(model, xs, ys, lrs))
             else:
                 for j in range(k):
                     if stop.requested:

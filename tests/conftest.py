@@ -55,3 +55,16 @@ def assert_close(actual, expected, dtype=None, **kw):
     tol = dict(TOL[dtype or expected.dtype])
     tol.update(kw)
     torch.testing.assert_close(actual, expected, **tol)
+
+
+def assert_bitwise(actual, expected):
+    """Same shape, dtype and bits (NaN included, which torch.equal would call unequal)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual, expected)
+    as_int = {torch.float32: torch.int32, torch.float64: torch.int64}[actual.dtype]
+    assert torch.equal(actual.view(as_int), expected.view(as_int)), (actual, expected)
+
+
+def assert_all_bitwise(actual, expected):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_bitwise(a, e)

@@ -24,7 +24,7 @@ from charmlp import _C, ops
 from charmlp.checkpoint import load_checkpoint
 from charmlp.model import MLPLanguageModel
 from charmlp.train import DirectFusedAdamW, TrainConfig, train
-from conftest import assert_close
+from conftest import assert_all_bitwise, assert_bitwise, assert_close
 from test_mlp_sgd_steps import _batches
 
 # Per-step learning rates, all different, so that a step run with another step's lr (or
@@ -114,19 +114,6 @@ def _opt_loop(model, opt, idx, target, lrs):
     return torch.stack(losses) if losses else model.embed.table.new_empty((0,))
 
 
-def _assert_bitwise(actual, expected):
-    """Same shape, dtype and bits (NaN included, which torch.equal would call unequal)."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual, expected)
-    as_int = {torch.float32: torch.int32, torch.float64: torch.int64}[actual.dtype]
-    assert torch.equal(actual.view(as_int), expected.view(as_int)), (actual, expected)
-
-
-def _assert_all_bitwise(actual, expected):
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        _assert_bitwise(a, e)
-
-
 def _check_matches_opt_loop(shape, dtype, idx, target, lrs, **hyper):
     """Runs the op on one warm (model, AdamW) pair and the opt.step() loop on an identical
     pair; asserts losses, parameters and state (exp_avg, exp_avg_sq, step) bitwise equal.
@@ -134,12 +121,12 @@ def _check_matches_opt_loop(shape, dtype, idx, target, lrs, **hyper):
     model, opt = _warm_pair(shape, dtype, **hyper)
     ref_model, ref_opt = _warm_pair(shape, dtype, **hyper)
     start = _snapshot(model, opt)
-    _assert_all_bitwise(start, _all_tensors(ref_model, ref_opt))  # (the pairs start equal)
+    assert_all_bitwise(start, _all_tensors(ref_model, ref_opt))  # (the pairs start equal)
     losses = _op_steps(model, opt, idx, target, lrs)
     expected = _opt_loop(ref_model, ref_opt, idx, target, lrs)
     assert losses.shape == (len(lrs),) and losses.dtype == dtype
-    _assert_bitwise(losses, expected)
-    _assert_all_bitwise(_all_tensors(model, opt), _all_tensors(ref_model, ref_opt))
+    assert_bitwise(losses, expected)
+    assert_all_bitwise(_all_tensors(model, opt), _all_tensors(ref_model, ref_opt))
     assert all(float(s) == 1 + len(lrs) for s in _state_lists(model, opt)[3])
     return losses, (model, opt), start
 
@@ -174,8 +161,8 @@ def test_default_hyper_parameters_are_adamw_defaults():
     ref_model, ref_opt = _warm_pair(LECTURE)
     with torch.no_grad():
         losses = ops.mlp_adamw_steps(idx, target, *_state_lists(model, opt), LRS[:3])
-    _assert_bitwise(losses, _opt_loop(ref_model, ref_opt, idx, target, LRS[:3]))
-    _assert_all_bitwise(_all_tensors(model, opt), _all_tensors(ref_model, ref_opt))
+    assert_bitwise(losses, _opt_loop(ref_model, ref_opt, idx, target, LRS[:3]))
+    assert_all_bitwise(_all_tensors(model, opt), _all_tensors(ref_model, ref_opt))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -291,7 +278,7 @@ def test_direct_fused_adamw_steps_matches_opt_step_loop(start, split, monkeypatc
     expected = _opt_loop(ref_model, ref_opt, idx, target, lrs)
 
     assert losses == expected.tolist()
-    _assert_all_bitwise(_all_tensors(model, opt), _all_tensors(ref_model, ref_opt))
+    assert_all_bitwise(_all_tensors(model, opt), _all_tensors(ref_model, ref_opt))
     assert opt.param_groups[0]["lr"] == lrs[-1] == ref_opt.param_groups[0]["lr"]
     assert all(p.grad is None for p in model.parameters())
     assert sum(calls) == K - (1 if start == "fresh" else 0)  # every other step went through the op
@@ -304,7 +291,7 @@ def test_direct_fused_adamw_steps_with_no_steps_changes_nothing():
     before, lr = _snapshot(model, opt), opt.param_groups[0]["lr"]
     idx, target = _batches(0, 32, 3, 27)
     assert DirectFusedAdamW(opt).steps(model, idx, target, []) == []
-    _assert_all_bitwise(_all_tensors(model, opt), before)
+    assert_all_bitwise(_all_tensors(model, opt), before)
     assert opt.param_groups[0]["lr"] == lr
 
 
@@ -346,8 +333,8 @@ def test_scalar_lr_is_broadcast_to_every_step(lr):
     idx, target = _batches(4, 32, 3, 27, seed=2)
     scalar, listed = _warm_pair(LECTURE), _warm_pair(LECTURE)
     losses = _op_steps(*scalar, idx, target, lr)
-    _assert_bitwise(losses, _op_steps(*listed, idx, target, [float(lr)] * 4))
-    _assert_all_bitwise(_all_tensors(*scalar), _all_tensors(*listed))
+    assert_bitwise(losses, _op_steps(*listed, idx, target, [float(lr)] * 4))
+    assert_all_bitwise(_all_tensors(*scalar), _all_tensors(*listed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -360,7 +347,7 @@ def test_no_steps_returns_empty_and_changes_nothing(lr, dtype):
     before = _snapshot(model, opt)
     losses = _op_steps(model, opt, idx, target, lr)
     assert losses.shape == (0,) and losses.dtype == dtype
-    _assert_all_bitwise(_all_tensors(model, opt), before)
+    assert_all_bitwise(_all_tensors(model, opt), before)
     assert all(float(s) == 1 for s in _state_lists(model, opt)[3])
 
 
@@ -394,7 +381,7 @@ def test_bad_index_in_last_step_raises_before_any_step(name, bad_value, index_dt
     with pytest.raises(IndexError, match=rf"^charmlp: {name} contains {bad_value} at flat position {position}, "
                                          rf"outside the valid range \[0, 27\)$"):
         _op_steps(model, opt, idx, target, LRS[:K])
-    _assert_all_bitwise(_all_tensors(model, opt), before)
+    assert_all_bitwise(_all_tensors(model, opt), before)
 
 
 def _replace(lst, i, value):
@@ -446,7 +433,7 @@ def test_bad_arguments_raise_and_change_nothing(case):
     with pytest.raises(error, match="^charmlp: " + message):
         with torch.no_grad():
             ops.mlp_adamw_steps(*positional, **args)
-    _assert_all_bitwise(_all_tensors(model, opt), before)
+    assert_all_bitwise(_all_tensors(model, opt), before)
 
 
 # --------------------------------------------------------------------------------------
@@ -484,9 +471,9 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(run, fullgraph=True)
     with torch.no_grad():
         losses = compiled(idx, target, *_state_lists(*compiled_pair))
-    _assert_bitwise(losses, _op_steps(*eager, idx, target, LRS[:3]))
+    assert_bitwise(losses, _op_steps(*eager, idx, target, LRS[:3]))
     after = _all_tensors(*compiled_pair)
-    _assert_all_bitwise(after, _all_tensors(*eager))
+    assert_all_bitwise(after, _all_tensors(*eager))
     assert all(not torch.equal(a, s) for a, s in zip(after, start))  # every tensor was updated in place
 
 
@@ -560,7 +547,7 @@ def _assert_same_tree(a, b, path="checkpoint"):
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), path
         if a.is_floating_point():
-            _assert_bitwise(a, b)
+            assert_bitwise(a, b)
         else:
             assert a.dtype == b.dtype and torch.equal(a, b), path
     elif isinstance(a, dict):

@@ -16,7 +16,7 @@ import torch
 
 from charmlp import _C, ops
 from charmlp.model import MLPLanguageModel
-from conftest import assert_close
+from conftest import assert_all_bitwise, assert_bitwise, assert_close
 from test_mlp_sgd_step import _params, reference_step
 
 # Per-step learning rates, all different, so that a step run with another step's lr
@@ -64,19 +64,6 @@ def _step_loop(idx, target, params, lrs):
     return torch.stack(losses) if losses else params[0].new_empty((0,))
 
 
-def _assert_bitwise(actual, expected):
-    """Same shape, dtype and bits (NaN included, which torch.equal would call unequal)."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    as_int = {torch.float32: torch.int32, torch.float64: torch.int64}[actual.dtype]
-    assert torch.equal(actual.view(as_int), expected.view(as_int)), (actual, expected)
-
-
-def _assert_all_bitwise(actual, expected):
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        _assert_bitwise(a, e)
-
-
 def _check_matches_step_loop(idx, target, params, lrs):
     """Runs mlp_sgd_steps and the mlp_sgd_step loop from copies of params and asserts that
     the losses and the five updated parameters are bitwise equal."""
@@ -84,8 +71,8 @@ def _check_matches_step_loop(idx, target, params, lrs):
     losses = ops.mlp_sgd_steps(idx, target, *fused, lrs)
     expected = _step_loop(idx, target, looped, lrs)
     assert losses.shape == (idx.shape[0],) and losses.dtype == params[0].dtype
-    _assert_bitwise(losses, expected)
-    _assert_all_bitwise(fused, looped)
+    assert_bitwise(losses, expected)
+    assert_all_bitwise(fused, looped)
     return losses, fused
 
 
@@ -145,7 +132,7 @@ def test_int32_indices_match_int64(distinct):
     params = _params(3, 27, 10, 30)
     losses64, params64 = _check_matches_step_loop(idx, target, params, LRS[:3])
     losses32, params32 = _check_matches_step_loop(idx.int(), target.int(), params, LRS[:3])
-    _assert_all_bitwise([losses32] + params32, [losses64] + params64)
+    assert_all_bitwise([losses32] + params32, [losses64] + params64)
 
 
 def test_ignored_targets_and_an_all_ignored_step():
@@ -160,8 +147,8 @@ def test_ignored_targets_and_an_all_ignored_step():
     skipped = _clones(params)
     kept = [0, 2]
     losses_kept = ops.mlp_sgd_steps(idx[kept], target[kept], *skipped, [LRS[0], LRS[2]])
-    _assert_bitwise(losses[kept], losses_kept)
-    _assert_all_bitwise(after, skipped)
+    assert_bitwise(losses[kept], losses_kept)
+    assert_all_bitwise(after, skipped)
 
 
 # --------------------------------------------------------------------------------------
@@ -204,8 +191,8 @@ def test_scalar_lr_is_broadcast_to_every_step(lr):
     params = _params(3, 27, 10, 30)
     scalar, listed = _clones(params), _clones(params)
     losses = ops.mlp_sgd_steps(idx, target, *scalar, lr)
-    _assert_bitwise(losses, ops.mlp_sgd_steps(idx, target, *listed, [float(lr)] * 4))
-    _assert_all_bitwise(scalar, listed)
+    assert_bitwise(losses, ops.mlp_sgd_steps(idx, target, *listed, [float(lr)] * 4))
+    assert_all_bitwise(scalar, listed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -217,7 +204,7 @@ def test_no_steps_returns_empty_and_changes_nothing(lr, dtype):
     before = _clones(params)
     losses = ops.mlp_sgd_steps(idx, target, *params, lr)
     assert losses.shape == (0,) and losses.dtype == dtype
-    _assert_all_bitwise(params, before)
+    assert_all_bitwise(params, before)
 
 
 @pytest.mark.parametrize("V", [27, 0], ids=["V27", "empty-vocab"])
@@ -229,7 +216,7 @@ def test_empty_batches_are_nan_losses_and_no_update(V):
     before = _clones(params)
     losses = ops.mlp_sgd_steps(idx, target, *params, LRS[:3])
     assert losses.shape == (3,) and torch.isnan(losses).all()
-    _assert_all_bitwise(params, before)
+    assert_all_bitwise(params, before)
 
 
 def test_non_contiguous_parameters_are_updated_in_place():
@@ -246,8 +233,8 @@ def test_non_contiguous_parameters_are_updated_in_place():
     w2_store = params[3].T.contiguous()
     views = [table_store[:, 1:11], w1_store.T, params[2].clone(), w2_store.T, params[4].clone()]
     assert not any(v.is_contiguous() for v in (views[0], views[1], views[3]))
-    _assert_bitwise(ops.mlp_sgd_steps(idx, target, *views, LRS[:3]), losses)
-    _assert_all_bitwise(
+    assert_bitwise(ops.mlp_sgd_steps(idx, target, *views, LRS[:3]), losses)
+    assert_all_bitwise(
         [table_store[:, 1:11], w1_store.T, views[2], w2_store.T, views[4]], contiguous
     )
     assert (table_store[:, 0] == 7).all() and (table_store[:, 11] == 7).all()
@@ -276,7 +263,7 @@ def test_bad_index_in_last_step_raises_before_any_step(name, bad_value, index_dt
     before = _clones(params)
     with pytest.raises(IndexError, match=rf"{name} contains {bad_value} at flat position {position}, .*\[0, 27\)"):
         ops.mlp_sgd_steps(idx, target, *params, LRS[:K])
-    _assert_all_bitwise(params, before)
+    assert_all_bitwise(params, before)
 
 
 def _bad(idx=None, target=None, params=None, lr=None, **param_overrides):
@@ -359,8 +346,8 @@ def test_torch_compile_fullgraph_matches_eager():
     eager, compiled_params = _clones(params), _clones(params)
     compiled = torch.compile(lambda i, t, *p: ops.mlp_sgd_steps(i, t, *p, LRS[:3]), fullgraph=True)
     losses = compiled(idx, target, *compiled_params)
-    _assert_bitwise(losses, ops.mlp_sgd_steps(idx, target, *eager, LRS[:3]))
-    _assert_all_bitwise(compiled_params, eager)
+    assert_bitwise(losses, ops.mlp_sgd_steps(idx, target, *eager, LRS[:3]))
+    assert_all_bitwise(compiled_params, eager)
     assert not torch.equal(compiled_params[1], params[1])
 
 
@@ -378,7 +365,7 @@ def test_deterministic_run_to_run(shape, embed_algorithm):
     for _ in range(2):
         params = _params(T, V, E, H)
         runs.append([ops.mlp_sgd_steps(idx, target, *params, LRS[:3])] + params)
-    _assert_all_bitwise(*runs)
+    assert_all_bitwise(*runs)
 
 
 @pytest.mark.parametrize("split", [(2, 4), (1,) * 6, (5, 0, 1)], ids=str)
@@ -392,8 +379,8 @@ def test_result_does_not_depend_on_how_steps_are_split_over_calls(split):
     for n in split:
         parts.append(ops.mlp_sgd_steps(idx[k:k + n], target[k:k + n], *params, LRS[k:k + n]))
         k += n
-    _assert_bitwise(torch.cat(parts), losses)
-    _assert_all_bitwise(params, whole)
+    assert_bitwise(torch.cat(parts), losses)
+    assert_all_bitwise(params, whole)
 
 
 # --------------------------------------------------------------------------------------
@@ -413,8 +400,8 @@ def test_model_sgd_steps_matches_sgd_step_loop(K):
     model, looped = _model(True), _model(True)
     losses = model.sgd_steps(idx, target, LRS[:K])
     expected = [looped.sgd_step(idx[k], target[k], LRS[k]) for k in range(K)]
-    _assert_bitwise(losses, torch.stack(expected) if K else torch.empty(0))
-    _assert_all_bitwise(list(model.parameters()), list(looped.parameters()))
+    assert_bitwise(losses, torch.stack(expected) if K else torch.empty(0))
+    assert_all_bitwise(list(model.parameters()), list(looped.parameters()))
     assert not losses.requires_grad
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 

@@ -273,6 +273,8 @@ inline void check_mlp_adamw_steps_args(const at::Tensor& idx, const at::Tensor& 
     }
     TORCH_CHECK_VALUE(state_steps[i].numel() == 1, "charmlp: state_steps[", i,
                       "] must hold one step count, got shape ", shape_str(state_steps[i]));
+    // (the fused AdamW kernel keeps its step counts on the parameters' device)
+    check_same_device(params[i], names[i], state_steps[i], "state_steps");
   }
   TORCH_CHECK_VALUE(0.0 <= beta1 && beta1 < 1.0, "charmlp: beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK_VALUE(0.0 <= beta2 && beta2 < 1.0, "charmlp: beta2 must be in [0, 1), got ", beta2);

@@ -43,12 +43,15 @@ def _torchrun(*args, timeout=300):
 
 
 def _emulate(ckpt: dict, steps: int, ranks=(0, 1)) -> dict:
-    """SGD with the gradients of each rank's own minibatch averaged, in one process."""
+    """The run's optimizer (SGD, or fused AdamW) on the gradients of each rank's own
+    minibatch averaged, in one process."""
     cfg = TrainConfig.from_dict(ckpt["train_config"]).resolved()
     vocab, split = Vocab.from_dict(ckpt["vocab"]), Split.from_dict(ckpt["split"])
     X, Y = build_examples(split.train, vocab, cfg.block_size)
     model = _build_model(cfg, vocab.size, torch.device("cpu"))
     params = list(model.parameters())
+    adamw = cfg.optimizer == "adamw"
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True) if adamw else None
     gens = [torch.Generator().manual_seed(batch_seed(cfg.seed, r)) for r in ranks]
     for i in range(steps):
         grads = []
@@ -56,9 +59,16 @@ def _emulate(ckpt: dict, steps: int, ranks=(0, 1)) -> dict:
             ix = torch.randint(0, X.shape[0], (cfg.batch_size,), generator=g)
             _, loss = model(X[ix], Y[ix])
             grads.append(torch.autograd.grad(loss, params))
+        mean = [sum(g[j] for g in grads) / len(grads) for j in range(len(params))]
+        if adamw:
+            opt.param_groups[0]["lr"] = learning_rate(cfg, i)
+            for p, g in zip(params, mean):
+                p.grad = g
+            opt.step()
+            continue
         with torch.no_grad():
-            for j, p in enumerate(params):
-                p -= learning_rate(cfg, i) * (sum(g[j] for g in grads) / len(grads))
+            for p, g in zip(params, mean):
+                p -= learning_rate(cfg, i) * g
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -89,3 +99,15 @@ def test_two_process_ddp_on_cpu(tmp_path):
     ckpt2 = load_checkpoint(run)
     assert ckpt2["step"] == 90
     assert _close(ckpt2["model"]["state_dict"], _emulate(ckpt2, 90))
+
+
+def test_two_process_ddp_adamw_averages_gradients(tmp_path):
+    """AdamW under DDP takes the autograd path (DDP's all-reduce), not the single-process
+    chunked op, which would train each rank on its own batches alone."""
+    run = tmp_path / "run"
+    args = [a if a != "0.1" else "0.01" for a in ARGS]  # AdamW's scale of learning rate
+    _torchrun("--optimizer", "adamw", "--steps", "60", "--out", str(run), *args)
+    ckpt = load_checkpoint(run)
+    got = ckpt["model"]["state_dict"]
+    assert _close(got, _emulate(ckpt, 60))
+    assert not _close(got, _emulate(ckpt, 60, ranks=(0,)), atol=1e-3)

@@ -321,6 +321,21 @@ def test_direct_fused_adamw_fits(case):
     assert DirectFusedAdamW(opt).fits(model) is expected
 
 
+@pytest.mark.parametrize("case", ["lr-count", "other-model"])
+def test_direct_fused_adamw_steps_checks_before_the_first_step(case):
+    """steps() refuses a wrong number of lrs, or a model that is not the optimizer's, before
+    anything runs, even on a fresh optimizer whose first step would go through opt.step()."""
+    model = _model(LECTURE)
+    opt = _adamw(model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    idx, target = _batches(3, 32, 3, 27)
+    lrs, target_model = ([0.02] * 2, model) if case == "lr-count" else ([0.02] * 3, _model(LECTURE))
+    with pytest.raises(ValueError, match="DirectFusedAdamW.steps"):
+        DirectFusedAdamW(opt).steps(target_model, idx, target, lrs)
+    assert not opt.state and opt.param_groups[0]["lr"] == 0.01
+    assert_all_bitwise([p.detach() for p in model.parameters()], before)
+
+
 # --------------------------------------------------------------------------------------
 # 3. The lr argument, K = 0
 # --------------------------------------------------------------------------------------

@@ -418,10 +418,16 @@ def mlp_adamw_steps(
 @torch.library.register_fake("charmlp::mlp_adamw_steps")
 def _mlp_adamw_steps_fake(idx, target, params, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
                           weight_decay, eps):
-    torch._check(len(params) == 5, lambda: f"charmlp: params must hold 5 tensors, got {len(params)}")
+    for name, tensors in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                          ("state_steps", state_steps)):
+        torch._check(len(tensors) == 5, lambda: f"charmlp: {name} must hold 5 tensors, got {len(tensors)}")
     table = params[0]
     _check_same_device(table, "table", idx=idx, target=target)
     torch._check(idx.dim() == 3, lambda: f"charmlp: idx must be 3-D [K, B, T], got {tuple(idx.shape)}")
+    torch._check(
+        target.dim() == 2 and target.shape == idx.shape[:2],
+        lambda: f"charmlp: target must have shape [K, B], got {tuple(target.shape)}",
+    )
     torch._check(
         len(lr) == idx.shape[0],
         lambda: f"charmlp: lr must hold one learning rate per step (K = {idx.shape[0]}), got {len(lr)}",

@@ -20,7 +20,8 @@ model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD a
   dedicated generator seeded from ``(seed, rank)``; nothing depends on global RNG state.
 * **Resumability.** A checkpoint (see :mod:`charmlp.checkpoint`) holds every piece of state,
   so ``--resume`` continues bitwise identically on CPU. Ctrl-C or SIGTERM stops after the
-  current step (plain SGD: the current chunk) and writes a checkpoint first.
+  current step (plain SGD and fused AdamW: the current chunk of steps, ~0.2 s) and writes a
+  checkpoint first.
 * **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
   DistributedDataParallel (gloo on CPU, nccl on CUDA): every rank draws its own minibatches
   (its generator is seeded from its rank), gradients are averaged by DDP's all-reduce, and
@@ -443,7 +444,7 @@ class _StopRequest:
         for sig, prev in self.previous.items():
             signal.signal(sig, prev)
         self.previous = {}
-        self.notify(f"\n{signal.Signals(signum).name}: stopping after this step and writing a "
+        self.notify(f"\n{signal.Signals(signum).name}: stopping after the current step(s) and writing a "
                     f"checkpoint (press Ctrl-C again to abort at once)")
 
     def __enter__(self):
@@ -631,6 +632,12 @@ class DirectFusedAdamW:
         ``model.forward_backward(idx[k], targets[k])`` and ``self()``, as one
         ``mlp_adamw_steps`` op call (no Python per step). Returns the ``K`` losses; leaves
         ``.grad`` unset and the group's lr at ``lrs[-1]``."""
+        if not self.fits(model):
+            raise ValueError("DirectFusedAdamW.steps: the optimizer must hold the fused model's "
+                             "parameters (table, weight1, bias1, weight2, bias2), in that order")
+        if idx.dim() != 3 or len(lrs) != idx.shape[0]:
+            raise ValueError(f"DirectFusedAdamW.steps: idx must be [K, B, T] with one lr per step, "
+                             f"got idx {tuple(idx.shape)} and {len(lrs)} lr(s)")
         group = self.opt.param_groups[0]
         losses: list[float] = []
         if lrs and not self._bind():  # the first step creates the state, as torch does
@@ -726,15 +733,6 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
     say(f"model: block {cfg.block_size}, emb {cfg.emb_dim}, hidden {cfg.hidden}, "
         f"{nparams:,} parameters, {cfg.init} init; {path} on {device}, "
         f"{torch.get_num_threads()} thread(s)" + (f", {d.world_size} DDP processes" if d.enabled else ""))
-    how = ("" if cfg.reference or d.enabled else
-           " (fused steps, a chunk per op call)" if fast_sgd else
-           " (fused loss and gradients + torch's fused AdamW update, a chunk per op call)"
-           if cfg.optimizer == "adamw" else " (fused loss and gradients, then fused torch.optim)")
-    say(f"training: {cfg.steps:,} steps of batch {cfg.batch_size}"
-        + (" per process" if d.enabled else "")
-        + f", {cfg.optimizer}{how}, lr {cfg.lr_schedule} "
-        f"{cfg.lr:g}" + (f" -> {cfg.lr_final:g}" if cfg.lr_schedule != "constant" else "")
-        + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else ""))
 
     opt = None
     if not fast_sgd:
@@ -819,7 +817,17 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
     # (Plain SGD without DDP runs whole chunks through model.sgd_steps below, and AdamW
     # through DirectFusedAdamW.steps when the model is fused.)
     step_fn = autograd_step if d.enabled else fused_grads_step
-    fast_adamw = isinstance(opt_step, DirectFusedAdamW) and opt_step.fits(model)
+    # (Not under DDP: the op trains this process's model alone, past DDP's all-reduce.)
+    fast_adamw = not d.enabled and isinstance(opt_step, DirectFusedAdamW) and opt_step.fits(model)
+    how = ("" if cfg.reference or d.enabled else
+           " (fused steps, a chunk per op call)" if fast_sgd else
+           " (fused loss and gradients + torch's fused AdamW update, a chunk per op call)" if fast_adamw
+           else " (fused loss and gradients, then fused torch.optim)")
+    say(f"training: {cfg.steps:,} steps of batch {cfg.batch_size}"
+        + (" per process" if d.enabled else "")
+        + f", {cfg.optimizer}{how}, lr {cfg.lr_schedule} "
+        f"{cfg.lr:g}" + (f" -> {cfg.lr_final:g}" if cfg.lr_schedule != "constant" else "")
+        + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else ""))
     on_cpu = device.type == "cpu"
     ntr = Xtr.shape[0]
     chunk = 64

@@ -203,7 +203,7 @@ def test_repeated_shape_exercises_context_grouping():
     grouped path (it sums in another order, so some bits differ from the ungrouped run),
     while both runs stay within rounding of each other."""
     idx, target = _repeated_batches()
-    runs = []
+    runs, previous = [], _C._get_context_grouping()
     for grouped in (True, False):
         _C._set_context_grouping(grouped)
         try:
@@ -211,7 +211,7 @@ def test_repeated_shape_exercises_context_grouping():
             losses = _op_steps(model, opt, idx, target, LRS[:REPEATED["K"]])
             runs.append([losses] + _all_tensors(model, opt))
         finally:
-            _C._set_context_grouping(True)
+            _C._set_context_grouping(previous)
     assert any(not torch.equal(a, b) for a, b in zip(*runs))
     for a, b in zip(*runs):
         assert_close(a, b, rtol=1e-9, atol=1e-11)

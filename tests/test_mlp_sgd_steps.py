@@ -111,14 +111,14 @@ def test_repeated_shape_exercises_context_grouping():
     ungrouped run), while both stay within rounding of each other."""
     B, T, V, E, H, distinct = REPEATED[0]
     idx, target = _batches(2, B, T, V, distinct=distinct)
-    runs = []
+    runs, previous = [], _C._get_context_grouping()
     for grouped in (True, False):
         _C._set_context_grouping(grouped)
         try:
             params = _params(T, V, E, H, torch.float64)
             runs.append([ops.mlp_sgd_steps(idx, target, *params, LRS[:2])] + params)
         finally:
-            _C._set_context_grouping(True)
+            _C._set_context_grouping(previous)
     assert any(not torch.equal(a, b) for a, b in zip(*runs))
     for a, b in zip(*runs):
         assert_close(a, b)

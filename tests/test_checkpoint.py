@@ -73,14 +73,35 @@ def test_resume_after_crash_is_bitwise_exact(tmp_path, monkeypatch, kw):
         assert (tmp_path / "cut" / name).read_text() == (tmp_path / "full" / name).read_text(), name
 
 
-def test_ctrl_c_checkpoints_then_resume_is_exact(tmp_path, monkeypatch):
-    cfg = small_config(steps=300, checkpoint_every=0, optimizer="adamw")
+def _signal_on_lr_call(monkeypatch, n: int) -> None:
+    """SIGINT during the n-th learning-rate lookup: in the step-by-step loop (SGD with weight
+    decay) that is in the middle of a chunk, so the loop stops after that step and rewinds
+    the minibatch generator to the steps actually taken."""
+    real = train_mod.learning_rate
+    calls = {"n": 0}
+
+    def learning_rate(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            signal.raise_signal(signal.SIGINT)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "learning_rate", learning_rate)
+
+
+@pytest.mark.parametrize("kw,interrupt,stop_step", [
+    (dict(optimizer="adamw"), lambda mp: _fail_on_call(mp, 2, lambda: signal.raise_signal(signal.SIGINT)), 64),
+    # lookups: 1 before the loop, then one per step; the 80th is step 78's (chunks: 64, ...)
+    (dict(optimizer="sgd", weight_decay=0.01), lambda mp: _signal_on_lr_call(mp, 80), 79),
+], ids=["adamw-between-chunks", "sgd-decay-mid-chunk"])
+def test_ctrl_c_checkpoints_then_resume_is_exact(tmp_path, monkeypatch, kw, interrupt, stop_step):
+    cfg = small_config(steps=300, checkpoint_every=0, **kw)
     train(cfg, tmp_path / "full", **QUIET)
-    _fail_on_call(monkeypatch, 2, lambda: signal.raise_signal(signal.SIGINT))
+    interrupt(monkeypatch)
     with pytest.raises(TrainingInterrupted, match="--resume") as exc:
         train(cfg, tmp_path / "cut", **QUIET)
     monkeypatch.undo()
-    assert 0 < exc.value.step < 300
+    assert exc.value.step == stop_step
     assert load_checkpoint(tmp_path / "cut")["step"] == exc.value.step
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     train(None, resume=tmp_path / "cut", **QUIET)

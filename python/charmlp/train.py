@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import ops
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -58,7 +59,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import Corpus, Split, Vocab, build_examples, load_corpus, split_words
-from . import ops
 from .model import NOTEBOOK_SEED, MLPLanguageModel
 from .sample import format_samples, sample_words
 

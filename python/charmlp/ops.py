@@ -357,11 +357,8 @@ def mlp_sgd_steps(
     return torch.ops.charmlp.mlp_sgd_steps.default(idx, target, table, weight1, bias1, weight2, bias2, lrs)
 
 
-@torch.library.register_fake("charmlp::mlp_sgd_steps")
-def _mlp_sgd_steps_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
-    _check_same_device(
-        table, "table", idx=idx, target=target, weight1=weight1, bias1=bias1, weight2=weight2, bias2=bias2
-    )
+def _check_steps_fake(idx, target, lr):
+    """The K-step ops' fake-kernel checks: idx [K, B, T], target [K, B], K learning rates."""
     torch._check(idx.dim() == 3, lambda: f"charmlp: idx must be 3-D [K, B, T], got {tuple(idx.shape)}")
     torch._check(
         target.dim() == 2 and target.shape == idx.shape[:2],
@@ -371,6 +368,14 @@ def _mlp_sgd_steps_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
         len(lr) == idx.shape[0],
         lambda: f"charmlp: lr must hold one learning rate per step (K = {idx.shape[0]}), got {len(lr)}",
     )
+
+
+@torch.library.register_fake("charmlp::mlp_sgd_steps")
+def _mlp_sgd_steps_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
+    _check_same_device(
+        table, "table", idx=idx, target=target, weight1=weight1, bias1=bias1, weight2=weight2, bias2=bias2
+    )
+    _check_steps_fake(idx, target, lr)
     return table.new_empty((idx.shape[0],))
 
 
@@ -423,13 +428,5 @@ def _mlp_adamw_steps_fake(idx, target, params, exp_avgs, exp_avg_sqs, state_step
         torch._check(len(tensors) == 5, lambda: f"charmlp: {name} must hold 5 tensors, got {len(tensors)}")
     table = params[0]
     _check_same_device(table, "table", idx=idx, target=target)
-    torch._check(idx.dim() == 3, lambda: f"charmlp: idx must be 3-D [K, B, T], got {tuple(idx.shape)}")
-    torch._check(
-        target.dim() == 2 and target.shape == idx.shape[:2],
-        lambda: f"charmlp: target must have shape [K, B], got {tuple(target.shape)}",
-    )
-    torch._check(
-        len(lr) == idx.shape[0],
-        lambda: f"charmlp: lr must hold one learning rate per step (K = {idx.shape[0]}), got {len(lr)}",
-    )
+    _check_steps_fake(idx, target, lr)
     return table.new_empty((idx.shape[0],))

@@ -57,6 +57,14 @@ struct GatherEmb {
   }
 };
 
+// operand(m, r) = op(r, m): a loader whose indices come the other way round, e.g. the
+// gathered embedding emb(b, k) as grad_W's B operand, which the GEMM reads as (k, b).
+template <class Op>
+struct Swapped {
+  Op op;
+  __device__ auto operator()(int64_t m, int64_t r) const { return op(r, m); }
+};
+
 // p[m * ld + r]: a row-major matrix read as operand(m, r).
 template <typename scalar_t, typename acc_t>
 struct RowMajor {
@@ -378,7 +386,7 @@ void launch_embed_grad_weight(const scalar_t* grad_out, const scalar_t* out, con
     launch_check_index_range(idx, B * T, V, kArgIdx, /*ignore_index=*/-1, err, stream);
   }
   Dpre<scalar_t, acc_t, true> la{grad_out, out, H};
-  GatherEmb<scalar_t, acc_t, true> lb{idx, table, T, E, V, K, err};
+  Swapped<GatherEmb<scalar_t, acc_t, true>> lb{{idx, table, T, E, V, K, err}};  // (k, b)
   GradWeightEpi<scalar_t, acc_t> epi{grad_weight, grad_bias, splits > 1 ? partial : nullptr, H, K};
   tiled_gemm_kernel<acc_t, false, false>
       <<<gemm_grid(H, K + 1, splits), kGemmThreads, 0, stream>>>(H, K + 1, B, rows_per_split, la,

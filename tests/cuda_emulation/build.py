@@ -1,0 +1,160 @@
+"""Builds charmlp's CUDA sources for the CPU: the CUDA emulation used by
+tests/test_cuda_emulated.py.
+
+Why: the CUDA kernels compile here (scripts/check_cuda_build.sh) but no GPU is at
+hand to run them. This builds the very same files (csrc/cuda/*.cu kernels and
+*_cuda.cpp host wrappers, csrc/ops.cpp schemas) with the host compiler against
+small stand-ins for the CUDA runtime and nvcc's built-ins (include/), and registers
+the result as ``torch.ops.charmlp_cuda_emu.<op>`` on CPU tensors. Tests then compare
+each emulated op with charmlp's CPU op. It checks the kernels' index arithmetic,
+reductions, shared-memory use and barriers (see cuda_emu.cpp for what is and is not
+checked); it is no substitute for running on a GPU.
+
+The only source change is mechanical, done by ``convert_cu``: ``k<<<g, b, s, st>>>(a)``
+becomes ``::cuda_emu::launch([&](auto... x) { k(x...); }, id, g, b, s, st)(a)``, and
+``__shared__`` declarations become per-block buffers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CSRC = ROOT / "csrc"
+BUILD = ROOT / "build" / "cuda_emulation"
+
+
+def _strip_line_comments(src: str) -> str:
+    """Drops // comments (kept line breaks), so the launch rewrite never looks into one."""
+    out = []
+    for line in src.split("\n"):
+        in_str = False
+        cut = len(line)
+        i = 0
+        while i < len(line):
+            c = line[i]
+            if c == '"' and (i == 0 or line[i - 1] != "\\"):
+                in_str = not in_str
+            elif not in_str and line.startswith("//", i):
+                cut = i
+                break
+            i += 1
+        out.append(line[:cut])
+    return "\n".join(out)
+
+
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:]+(?:\s+[\w:]+)*?)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([\w:<>]+(?:\s+[\w:<>]+)*?)\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
+
+
+def _split_top_level(args: str) -> list[str]:
+    """Splits a launch configuration at the commas outside parentheses."""
+    parts, depth, cur = [], 0, []
+    for c in args:
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        depth += c in "([{"
+        depth -= c in ")]}"
+        cur.append(c)
+    parts.append("".join(cur))
+    return parts
+
+
+def _rewrite_launches(src: str) -> str:
+    out = []
+    pos = 0
+    while True:
+        start = src.find("<<<", pos)
+        if start < 0:
+            out.append(src[pos:])
+            return "".join(out)
+        end = src.find(">>>", start)
+        if end < 0:
+            raise ValueError("unterminated <<<")
+        # The kernel expression starts after the previous statement or brace.
+        k = max(src.rfind(ch, 0, start) for ch in ";{}") + 1
+        while src[k].isspace():
+            k += 1
+        kernel = src[k:start].strip()
+        config = src[start + 3 : end]
+        parts = _split_top_level(config)
+        # The kernel's address identifies it for the shared-memory opt-in check; only
+        # launches with dynamic shared memory need it (and only those name a kernel
+        # whose template arguments are all given, so that it has an address).
+        has_smem = len(parts) >= 3 and parts[2].strip() != "0"
+        kid = f"reinterpret_cast<const void*>({kernel})" if has_smem else "nullptr"
+        out.append(src[pos:k])
+        out.append(f"::cuda_emu::launch([&](auto... a) {{ {kernel}(a...); }}, {kid}, {config})")
+        pos = end + 3
+
+
+def convert_cu(src: str) -> str:
+    """The host-compilable form of a .cu file (see the module docstring)."""
+    src = _strip_line_comments(src)
+    src = _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::cuda_emu::dynamic_shared());", src)
+    src = _STATIC_SHARED.sub(
+        r"static const char \2_emu_site = 0; auto& \2 = ::cuda_emu::block_shared<\1\3>(&\2_emu_site);", src
+    )
+    if "__shared__" in src:
+        raise ValueError("a __shared__ declaration the converter does not understand")
+    src = _rewrite_launches(src)
+    return '#include "cuda_emu_device.h"\n' + src
+
+
+def sources() -> list[Path]:
+    """Writes the converted kernel files under build/cuda_emulation and lists every source."""
+    gen = BUILD / "gen" / "cuda"
+    gen.mkdir(parents=True, exist_ok=True)
+    out = [HERE / "cuda_emu.cpp", CSRC / "ops.cpp"]
+    out += sorted((CSRC / "cuda").glob("*_cuda.cpp"))
+    # Kernel headers land in gen/cuda/ under their own names: gen/ comes before csrc/
+    # on the include path, so `#include "cuda/tiled_gemm.cuh"` finds the converted one.
+    for cu in sorted((CSRC / "cuda").glob("*.cu*")):
+        text = convert_cu(cu.read_text())
+        dst = gen / (cu.name if cu.suffix == ".cuh" else cu.stem + "_cu.cpp")
+        if not dst.exists() or dst.read_text() != text:  # keep ninja's incremental build
+            dst.write_text(text)
+        if cu.suffix == ".cu":
+            out.append(dst)
+    return out
+
+
+def load(verbose: bool = False) -> None:
+    """Builds (incrementally) and loads the emulated library; its ops appear under
+    torch.ops.charmlp_cuda_emu."""
+    from torch.utils import cpp_extension
+
+    srcs = sources()
+    # One build directory per set of sources' paths (ninja handles content changes).
+    tag = hashlib.sha1("\n".join(map(str, srcs)).encode()).hexdigest()[:8]
+    build_dir = BUILD / f"ninja-{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="charmlp_cuda_emu",
+        sources=[str(s) for s in srcs],
+        extra_include_paths=[str(HERE / "include"), str(BUILD / "gen"), str(CSRC)],
+        extra_cflags=[
+            "-O1",
+            "-std=c++20",
+            "-fvisibility=hidden",
+            "-Wno-unknown-pragmas",
+            "-include",
+            str(HERE / "include" / "cuda_emu_prelude.h"),
+        ],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+
+
+if __name__ == "__main__":
+    load(verbose=True)
+    import torch
+
+    print("emulated ops:", sorted(n for n in dir(torch.ops.charmlp_cuda_emu) if not n.startswith("_")))

@@ -1,0 +1,502 @@
+"""charmlp's CUDA kernels, run on the CPU through the CUDA emulation, against the CPU ops.
+
+No GPU is at hand here, so tests/test_cuda_ops.py skips. This file builds the very
+same CUDA sources (csrc/cuda: kernels and host wrappers) for the CPU with
+tests/cuda_emulation (build.py explains how) and compares every CUDA op, registered
+as ``torch.ops.charmlp_cuda_emu.<op>``, with charmlp's CPU op of the same name (which
+the other test files check against plain PyTorch and gradcheck).
+
+What that verifies: the kernels' index arithmetic, tiling and split reductions, the
+host wrappers' path choices, allocation and strides, every dtype's instantiation,
+index-error recording and the messages it raises, that the deterministic paths give
+bitwise the same result whatever order the threads run in (a missing barrier or a
+racy reduction would not), that no output element is left unwritten (deterministic
+mode fills fresh memory with NaN, the emulation fills shared memory with NaN too),
+and that barriers are never divergent and shared memory stays within the limits. What
+it cannot: real-hardware concerns (memory ordering between concurrently running
+threads, timing, occupancy, the GPU's libm). See tests/cuda_emulation/cuda_emu.cpp.
+
+First run: ~1 min to build (cached under build/cuda_emulation afterwards).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import charmlp  # noqa: F401  (registers torch.ops.charmlp)
+from charmlp import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+import build as cuda_emulation  # noqa: E402
+
+cuda_emulation.load()
+EMU = torch.ops.charmlp_cuda_emu
+CPU = torch.ops.charmlp
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
+ALGORITHMS = {"auto": 0, "direct": 1, "folded": 2}
+# Thread orders the emulation runs blocks in: in order, reversed, shuffled (seed 7).
+SCHEDULES = [0, 1, 7]
+
+
+def _configure(schedule=0, capturing=False, algorithm="auto"):
+    EMU._emu_configure(schedule, capturing, ALGORITHMS[algorithm])
+
+
+@pytest.fixture(autouse=True)
+def _reset_emulation():
+    _configure()
+    yield
+    _configure()
+    try:  # an index error a failed test left recorded must not leak into the next test
+        EMU.cross_entropy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 1, -100, 0.0)
+    except IndexError:
+        pass
+
+
+@pytest.fixture(params=[False, True], ids=["default", "deterministic"])
+def mode(request):
+    """Deterministic mode also makes torch fill every fresh tensor with NaN, so an output
+    element a kernel forgets to write fails the comparison."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(prev)
+
+
+def _close(actual, expected, dtype, what=""):
+    """Tolerances for two float32-accumulating implementations that sum in different
+    orders; bf16/f16 results may differ by one rounding of their 8/11-bit mantissa."""
+    assert actual.dtype == expected.dtype, what
+    assert actual.shape == expected.shape, what
+    a, e = actual.double(), expected.double()
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    rtol, atol = {
+        torch.float32: (2e-5, 2e-6),
+        torch.float64: (1e-12, 1e-13),
+        torch.bfloat16: (1.6e-2, 1.6e-2),
+        torch.float16: (2e-3, 2e-3),
+    }[dtype]
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _bitwise(a, b, what=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b), what
+
+
+def test_every_cuda_op_is_emulated():
+    """Each op with a CUDA kernel in the real build has one here, and running one really
+    launches emulated kernels (the counters move)."""
+    composite = {"mlp_adamw_steps"}  # CompositeExplicitAutograd: no CUDA kernel of its own
+    for op in ops.op_names():
+        if op in composite:
+            continue
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp_cuda_emu::{op}", "CPU"), op
+    launches, threads = EMU._emu_counters()
+    EMU.embed_linear_tanh(torch.zeros(2, 3, dtype=torch.long), torch.randn(5, 4), torch.randn(6, 12), None)
+    launches2, threads2 = EMU._emu_counters()
+    assert launches2 > launches and threads2 > threads
+
+
+# ----------------------------------------------------------------------------------------
+# embed_linear_tanh
+# ----------------------------------------------------------------------------------------
+
+# (B, T, V, E, H): lecture size, degenerate and odd sizes, more rows than a 64-row tile,
+# large V * E (the deterministic sort-based branch), enough rows for split reductions.
+ELT_SHAPES = [
+    (32, 3, 27, 10, 200),
+    (1, 1, 2, 1, 1),
+    (7, 5, 13, 3, 65),
+    (65, 2, 5, 1, 17),
+    (130, 4, 1000, 7, 33),
+    (700, 3, 27, 10, 70),
+]
+
+
+def _elt_inputs(B, T, V, E, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    table = torch.randn(V, E, generator=g).to(dtype)
+    weight = (torch.randn(H, T * E, generator=g) / max(T * E, 1) ** 0.5).to(dtype)
+    bias = torch.randn(H, generator=g).to(dtype)
+    grad_out = torch.randn(B, H, generator=g).to(dtype)
+    return idx, table, weight, bias, grad_out
+
+
+@pytest.mark.parametrize("shape", ELT_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("algorithm", ["direct", "folded"])
+def test_embed_linear_tanh(shape, dtype, algorithm, mode):
+    idx, table, weight, bias, grad_out = _elt_inputs(*shape, dtype)
+    _configure(algorithm=algorithm)
+    out = EMU.embed_linear_tanh(idx, table, weight, bias)
+    _close(out, CPU.embed_linear_tanh(idx, table, weight, bias), dtype, "out")
+    _close(EMU.embed_linear_tanh(idx, table, weight, None), CPU.embed_linear_tanh(idx, table, weight, None), dtype, "out (no bias)")
+    # Both backwards from the same saved output, so only the backward kernels differ.
+    got = EMU.embed_linear_tanh_backward(grad_out, out, idx, table, weight)
+    want = CPU.embed_linear_tanh_backward(grad_out, out, idx, table, weight)
+    for name, a, e in zip(["grad_table", "grad_weight", "grad_bias"], got, want):
+        _close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("shape", [(32, 3, 27, 10, 200), (700, 3, 27, 10, 70), (130, 4, 1000, 7, 33)], ids=str)
+@pytest.mark.parametrize("algorithm", ["direct", "folded"])
+def test_embed_linear_tanh_deterministic_whatever_the_thread_order(shape, algorithm):
+    """Under deterministic mode the table gradient (owned-entry reduction, sort-based
+    accumulation or the folded scatter) and the split reductions are bitwise equal
+    whatever order the emulated threads and blocks run in."""
+    idx, table, weight, bias, grad_out = _elt_inputs(*shape, torch.float32, seed=3)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        results = []
+        for schedule in SCHEDULES:
+            _configure(schedule=schedule, algorithm=algorithm)
+            out = EMU.embed_linear_tanh(idx, table, weight, bias)
+            results.append([out, *EMU.embed_linear_tanh_backward(grad_out, out, idx, table, weight)])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for other in results[1:]:
+        for name, a, b in zip(["out", "grad_table", "grad_weight", "grad_bias"], results[0], other):
+            _bitwise(a, b, name)
+
+
+def test_embed_linear_tanh_int32_noncontiguous_and_empty():
+    idx, table, weight, bias, grad_out = _elt_inputs(9, 3, 11, 4, 21, torch.float32)
+    wide = torch.stack([idx, idx], dim=2)[:, :, 0]  # non-contiguous
+    for i in (idx.to(torch.int32), wide):
+        _close(EMU.embed_linear_tanh(i, table, weight, bias), CPU.embed_linear_tanh(i, table, weight, bias), torch.float32, "out")
+    for B, H in [(0, 21), (9, 0)]:
+        i = idx[:B]
+        w = weight[:H]
+        out = EMU.embed_linear_tanh(i, table, w, bias[:H])
+        assert out.shape == (B, H)
+        got = EMU.embed_linear_tanh_backward(torch.zeros(B, H), out, i, table, w)
+        for a, e in zip(got, CPU.embed_linear_tanh_backward(torch.zeros(B, H), out, i, table, w)):
+            _bitwise(a, e)
+
+
+# ----------------------------------------------------------------------------------------
+# cross_entropy
+# ----------------------------------------------------------------------------------------
+
+# (B, V): warp-sized rows, wider rows, many blocks, enough rows for the count buffer.
+CE_SHAPES = [(1, 2), (32, 27), (37, 100), (300, 5), (4200, 27)]
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _ce_inputs(B, V, dtype, ignore_index=-100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(B, V, generator=g)).to(dtype)
+    target = torch.randint(0, V, (B,), generator=g)
+    target[torch.rand(B, generator=g) < 0.2] = ignore_index
+    return logits, target
+
+
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy(shape, dtype, reduction, label_smoothing, mode):
+    logits, target = _ce_inputs(*shape, dtype)
+    r = REDUCTIONS[reduction]
+    args = (r, -100, label_smoothing)
+    loss, lse = EMU.cross_entropy(logits, target, *args)
+    loss_ref, lse_ref = CPU.cross_entropy(logits, target, *args)
+    _close(loss, loss_ref, dtype, "loss")
+    _close(lse, lse_ref, torch.float64 if dtype == torch.float64 else torch.float32, "lse")
+    grad_loss = torch.randn(loss.shape, dtype=torch.float64).to(dtype)
+    _close(
+        EMU.cross_entropy_backward(grad_loss, logits, target, lse_ref, *args),
+        CPU.cross_entropy_backward(grad_loss, logits, target, lse_ref, *args),
+        dtype,
+        "grad_logits",
+    )
+    if r != 0:
+        for name, a, e in zip(
+            ["loss", "lse", "grad_logits"], EMU.cross_entropy_and_grads(logits, target, *args), CPU.cross_entropy_and_grads(logits, target, *args)
+        ):
+            _close(a, e, torch.float32 if name == "lse" and dtype != torch.float64 else dtype, name)
+
+
+@pytest.mark.parametrize("ignore_index", [0, 4])
+def test_cross_entropy_ignore_index_int32_and_all_ignored(ignore_index):
+    logits, target = _ce_inputs(50, 7, torch.float32, ignore_index=ignore_index)
+    t32 = target.to(torch.int32)
+    for r in REDUCTIONS.values():
+        a, _ = EMU.cross_entropy(logits, t32, r, ignore_index, 0.0)
+        e, _ = CPU.cross_entropy(logits, t32, r, ignore_index, 0.0)
+        _close(a, e, torch.float32, f"loss (reduction {r})")
+    everything_ignored = torch.full((50,), ignore_index, dtype=torch.long)
+    a, _ = EMU.cross_entropy(logits, everything_ignored, 1, ignore_index, 0.0)
+    assert torch.isnan(a), "the mean over no counted rows is NaN, as in F.cross_entropy"
+
+
+# ----------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ----------------------------------------------------------------------------------------
+
+# (B, H, V): the fused small-vocabulary kernels (V <= 32) with one and several blocks,
+# V not a multiple of anything, and the generic path (V > 32).
+LCE_SHAPES = [(1, 1, 2), (32, 200, 27), (45, 17, 32), (700, 70, 27), (33, 9, 40)]
+
+
+def _lce_inputs(B, H, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) / H**0.5).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype)
+    target = torch.randint(0, V, (B,), generator=g)
+    target[torch.rand(B, generator=g) < 0.2] = -100
+    return x, w, b, target
+
+
+@pytest.mark.parametrize("shape", LCE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_linear_cross_entropy(shape, dtype, reduction, with_bias, mode):
+    x, w, b, target = _lce_inputs(*shape, dtype)
+    b = b if with_bias else None
+    args = (REDUCTIONS[reduction], -100, 0.05)
+    loss, lse = EMU.linear_cross_entropy(x, w, b, target, *args)
+    loss_ref, lse_ref = CPU.linear_cross_entropy(x, w, b, target, *args)
+    _close(loss, loss_ref, dtype, "loss")
+    # lse is float32 for bf16/f16 inputs, but the generic path (V > 32) computes it
+    # from logits rounded to the input dtype (a GEMM in that dtype), the CPU op from
+    # float32 logits: the input dtype's tolerance.
+    acc = torch.float64 if dtype == torch.float64 else dtype
+    _close(lse, lse_ref, acc, "lse")
+    grad_loss = torch.randn(loss.shape, dtype=torch.float64).to(dtype)
+    got = EMU.linear_cross_entropy_backward(grad_loss, x, w, b, target, lse_ref, *args)
+    want = CPU.linear_cross_entropy_backward(grad_loss, x, w, b, target, lse_ref, *args)
+    for name, a, e in zip(["grad_input", "grad_weight", "grad_bias"], got, want):
+        _close(a, e, dtype, name)
+    if args[0] != 0:
+        got = EMU.linear_cross_entropy_and_grads(x, w, b, target, *args)
+        want = CPU.linear_cross_entropy_and_grads(x, w, b, target, *args)
+        for name, a, e in zip(["loss", "lse", "grad_input", "grad_weight", "grad_bias"], got, want):
+            _close(a, e, acc if name == "lse" else dtype, name)
+
+
+def test_linear_cross_entropy_deterministic_whatever_the_thread_order():
+    x, w, b, target = _lce_inputs(700, 70, 27, torch.float32, seed=2)
+    results = []
+    for schedule in SCHEDULES:
+        _configure(schedule=schedule)
+        results.append(EMU.linear_cross_entropy_and_grads(x, w, b, target, 1, -100, 0.0))
+    for other in results[1:]:
+        for a, e in zip(results[0], other):
+            _bitwise(a, e)
+
+
+# ----------------------------------------------------------------------------------------
+# The whole model: mlp_cross_entropy(_and_grads), mlp_sgd_step(s)
+# ----------------------------------------------------------------------------------------
+
+# (B, T, V, E, H): the fused single-kernel step (small B) and the general path.
+STEP_SHAPES = [(32, 3, 27, 10, 200), (5, 2, 7, 3, 9), (300, 3, 27, 10, 64), (1, 1, 2, 1, 1)]
+
+
+def _model(B, T, V, E, H, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, V, (B, T), generator=g)
+    target = torch.randint(0, V, (B,), generator=g)
+    params = [
+        torch.randn(V, E, generator=g),
+        torch.randn(H, T * E, generator=g) / max(T * E, 1) ** 0.5,
+        0.1 * torch.randn(H, generator=g),
+        0.1 * torch.randn(V, H, generator=g),
+        torch.zeros(V),
+    ]
+    return idx, target, [p.to(dtype) for p in params]
+
+
+def _cpu_loss_and_grads(idx, target, params):
+    """The CPU whole-model op (float32/float64), or for bf16/f16, which it does not take,
+    the same composition through the CPU per-layer ops and autograd."""
+    if params[0].dtype in (torch.float32, torch.float64):
+        return CPU.mlp_cross_entropy_and_grads(idx, target, *params)
+    leaves = [p.detach().requires_grad_() for p in params]
+    h = ops.embed_linear_tanh(idx, leaves[0], leaves[1], leaves[2])
+    loss = ops.linear_cross_entropy(h, leaves[3], leaves[4], target)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+def _cpu_sgd_step(idx, target, params, lr):
+    """The CPU step; for bf16/f16 the update computed in float32 and rounded once, as the
+    CUDA kernels do."""
+    if params[0].dtype in (torch.float32, torch.float64):
+        return CPU.mlp_sgd_step(idx, target, *params, lr)
+    loss, *grads = _cpu_loss_and_grads(idx, target, params)
+    for p, g in zip(params, grads):
+        p.copy_(p.float() - lr * g.float())
+    return loss
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_mlp_cross_entropy_and_grads(shape, dtype, mode):
+    idx, target, params = _model(*shape, dtype)
+    want = _cpu_loss_and_grads(idx, target, params)
+    _close(EMU.mlp_cross_entropy(idx, target, *params), want[0], dtype, "loss")
+    got = EMU.mlp_cross_entropy_and_grads(idx, target, *params)
+    for name, a, e in zip(["loss", "table", "weight1", "bias1", "weight2", "bias2"], got, want):
+        _close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_mlp_sgd_step(shape, dtype, mode):
+    idx, target, params = _model(*shape, dtype)
+    mine = [p.clone() for p in params]
+    ref = [p.clone() for p in params]
+    for _ in range(3):
+        _close(EMU.mlp_sgd_step(idx, target, *mine, 0.1), _cpu_sgd_step(idx, target, ref, 0.1), dtype, "loss")
+    for name, a, e in zip(["table", "weight1", "bias1", "weight2", "bias2"], mine, ref):
+        _close(a, e, dtype, name)
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+def test_mlp_sgd_steps_equal_single_steps(B):
+    """K steps in one call are bitwise the K single steps (deterministic mode: the
+    general path's table gradient has no atomics), and match the CPU op."""
+    K, T, V, E, H = 4, 3, 27, 10, 48
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, V, (K, B, T), generator=g)
+    target = torch.randint(0, V, (K, B), generator=g)
+    _, _, params = _model(B, T, V, E, H, torch.float32)
+    lrs = [0.1, 0.05, 0.2, 0.01]
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        steps = [p.clone() for p in params]
+        losses = EMU.mlp_sgd_steps(idx, target, *steps, lrs)
+        single = [p.clone() for p in params]
+        one_by_one = torch.stack([EMU.mlp_sgd_step(idx[k], target[k], *single, lrs[k]) for k in range(K)])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    _bitwise(losses, one_by_one, "losses")
+    for a, b in zip(steps, single):
+        _bitwise(a, b)
+    ref = [p.clone() for p in params]
+    _close(losses, CPU.mlp_sgd_steps(idx, target, *ref, lrs), torch.float32, "losses vs CPU")
+    for a, e in zip(steps, ref):
+        _close(a, e, torch.float32, "params vs CPU")
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+def test_mlp_sgd_step_deterministic_whatever_the_thread_order(B):
+    idx, target, params = _model(B, 3, 27, 10, 64, torch.float32, seed=4)
+    results = []
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for schedule in SCHEDULES:
+            _configure(schedule=schedule)
+            p = [t.clone() for t in params]
+            loss = EMU.mlp_sgd_step(idx, target, *p, 0.1)
+            results.append([loss, *p])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            _bitwise(a, b)
+
+
+def test_mlp_sgd_steps_empty():
+    _, _, params = _model(4, 3, 27, 10, 16, torch.float32)
+    p = [t.clone() for t in params]
+    out = EMU.mlp_sgd_steps(torch.zeros(0, 4, 3, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long), *p, [])
+    assert out.shape == (0,)
+    out = EMU.mlp_sgd_steps(torch.zeros(2, 0, 3, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long), *p, [0.1, 0.1])
+    assert out.shape == (2,) and torch.isnan(out).all()
+    for a, b in zip(p, params):
+        _bitwise(a, b)
+
+
+# ----------------------------------------------------------------------------------------
+# Bad indices: the device-side check, the record and the host's exception
+# ----------------------------------------------------------------------------------------
+
+
+def _same_error(fn_emu, fn_cpu):
+    with pytest.raises(IndexError) as want:
+        fn_cpu()
+    with pytest.raises(IndexError) as got:
+        fn_emu()
+    assert str(got.value).splitlines()[0] == str(want.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("bad", [27, -1, 1 << 40])
+def test_bad_indices_raise_the_cpu_message(bad):
+    idx, target, params = _model(32, 3, 27, 10, 16, torch.float32)
+    bad_idx = idx.clone()
+    bad_idx[5, 2] = bad
+    bad_target = target.clone()
+    bad_target[7] = bad
+    table, w1, b1, w2, b2 = params
+    for algorithm in ["direct", "folded"]:
+        _configure(algorithm=algorithm)
+        _same_error(lambda: EMU.embed_linear_tanh(bad_idx, table, w1, b1), lambda: CPU.embed_linear_tanh(bad_idx, table, w1, b1))
+        out = CPU.embed_linear_tanh(idx, table, w1, b1)
+        _same_error(
+            lambda: EMU.embed_linear_tanh_backward(torch.ones_like(out), out, bad_idx, table, w1),
+            lambda: CPU.embed_linear_tanh_backward(torch.ones_like(out), out, bad_idx, table, w1),
+        )
+    logits = torch.randn(32, 27)
+    _same_error(lambda: EMU.cross_entropy(logits, bad_target, 1, -100, 0.0), lambda: CPU.cross_entropy(logits, bad_target, 1, -100, 0.0))
+    h = torch.randn(32, 16)
+    _same_error(
+        lambda: EMU.linear_cross_entropy(h, w2, b2, bad_target, 1, -100, 0.0),
+        lambda: CPU.linear_cross_entropy(h, w2, b2, bad_target, 1, -100, 0.0),
+    )
+    for i, t in [(bad_idx, target), (idx, bad_target)]:
+        _same_error(lambda: EMU.mlp_cross_entropy(i, t, *params), lambda: CPU.mlp_cross_entropy(i, t, *params))
+        _same_error(lambda: EMU.mlp_cross_entropy_and_grads(i, t, *params), lambda: CPU.mlp_cross_entropy_and_grads(i, t, *params))
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+def test_bad_index_in_a_step_changes_no_parameter(B):
+    idx, target, params = _model(B, 3, 27, 10, 16, torch.float32)
+    K = 3
+    idx_k = torch.stack([idx] * K)
+    target_k = torch.stack([target] * K)
+    idx_k[K - 1, B - 1, 0] = 99  # only the last step is bad
+    for run in [
+        lambda p: EMU.mlp_sgd_step(idx_k[K - 1], target, *p, 0.1),
+        lambda p: EMU.mlp_sgd_steps(idx_k, target_k, *p, [0.1] * K),
+    ]:
+        p = [t.clone() for t in params]
+        with pytest.raises(IndexError, match="idx contains 99"):
+            run(p)
+        for a, b in zip(p, params):
+            _bitwise(a, b)
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+def test_bad_index_under_graph_capture_is_reported_after_it(B):
+    """While a stream is captured no host check can run: the step must still leave the
+    parameters alone (its update kernel reads the device-side record) and the first op
+    after the capture must raise."""
+    idx, target, params = _model(B, 3, 27, 10, 16, torch.float32)
+    bad = idx.clone()
+    bad[0, 0] = 27
+    p = [t.clone() for t in params]
+    _configure(capturing=True)
+    EMU.mlp_sgd_step(bad, target, *p, 0.1)  # no exception while "capturing"
+    EMU.mlp_sgd_step(idx, target, *p, 0.1)  # a good step after a bad one: skipped too
+    for a, b in zip(p, params):
+        _bitwise(a, b)
+    _configure(capturing=False)
+    with pytest.raises(IndexError, match="idx contains 27"):
+        EMU.cross_entropy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 1, -100, 0.0)
+    EMU.mlp_sgd_step(idx, target, *p, 0.1)  # the record is clear again: this one updates
+    assert not torch.equal(p[1], params[1])

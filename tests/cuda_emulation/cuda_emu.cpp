@@ -5,9 +5,10 @@
 // thread is a fiber with its own stack (a dozen instructions of x86-64 assembly
 // switch between them: ucontext's swapcontext makes a system call per switch, and
 // a shuffle-heavy kernel switches tens of times per thread); the scheduler runs each runnable
-// fiber until it reaches a barrier or returns, in an order chosen by the schedule
-// (forward, reverse or a seeded shuffle), then releases a barrier once every thread
-// it waits for has arrived. A shuffle is two warp barriers around an exchange.
+// fiber until it reaches a barrier or returns, warp by warp (see run_block), in an
+// order chosen by the schedule (forward, reverse or a seeded shuffle), and releases a
+// barrier once every thread it waits for has arrived. A shuffle is two warp barriers
+// around an exchange.
 //
 // What is checked (a launch that breaks a rule raises RuntimeError):
 //  * launch shape: 1..1024 threads per block, grid and block dimension limits;
@@ -180,45 +181,40 @@ std::vector<int> schedule_order(int n, int64_t block_linear) {
   return order;
 }
 
-// Releases what can be released; false when nothing can run again (a deadlock).
-bool resolve_barriers(BlockState& b) {
-  bool released = false;
-  const int warps = (b.nthreads + 31) / 32;
-  for (int w = 0; w < warps; ++w) {
-    const int first = w * 32, last = std::min(b.nthreads, first + 32);
-    int waiting = 0, done = 0;
-    for (int i = first; i < last; ++i) {
-      waiting += b.fibers[i]->state == State::kAtWarpBarrier;
-      done += b.fibers[i]->state == State::kDone;
-    }
-    if (waiting == 0) continue;
-    if (waiting + done == last - first) {
-      if (done > 0) {
-        raise("a warp barrier or shuffle (full mask) in warp " + std::to_string(w) + " of block (" +
-              std::to_string(b.fibers[first]->ts.block_idx.x) + ",...) is missing " +
-              std::to_string(done) + " lane(s) that already returned");
-      }
-      for (int i = first; i < last; ++i) b.fibers[i]->state = State::kRunnable;
-      released = true;
-    }
+// Releases warp w's lanes when every live one waits at a warp barrier; true if it did.
+bool release_warp(BlockState& b, int w) {
+  const int first = w * 32, last = std::min(b.nthreads, first + 32);
+  int waiting = 0, done = 0;
+  for (int i = first; i < last; ++i) {
+    waiting += b.fibers[i]->state == State::kAtWarpBarrier;
+    done += b.fibers[i]->state == State::kDone;
   }
-  if (released) return true;
-  int at_block = 0, done = 0, any_or = 0;
+  if (waiting == 0 || waiting + done != last - first) return false;
+  if (done > 0) {
+    raise("a warp barrier or shuffle (full mask) in warp " + std::to_string(w) + " of " +
+          describe(*b.fibers[first]) + "'s block is missing " + std::to_string(done) +
+          " lane(s) that already returned");
+  }
+  for (int i = first; i < last; ++i) b.fibers[i]->state = State::kRunnable;
+  return true;
+}
+
+// Releases the block barrier when every live thread waits at it; true if it did.
+bool release_block(BlockState& b) {
+  int at_block = 0, done = 0, any = 0;
   for (auto& f : b.fibers) {
     at_block += f->state == State::kAtBlockBarrier;
     done += f->state == State::kDone;
-    if (f->state == State::kAtBlockBarrier) any_or |= f->predicate != 0;
+    if (f->state == State::kAtBlockBarrier) any |= f->predicate != 0;
   }
-  if (at_block > 0 && at_block + done == b.nthreads) {
-    for (auto& f : b.fibers) {
-      if (f->state == State::kAtBlockBarrier) {
-        f->state = State::kRunnable;
-        f->barrier_result = any_or;
-      }
+  if (at_block == 0 || at_block + done != b.nthreads) return false;
+  for (auto& f : b.fibers) {
+    if (f->state == State::kAtBlockBarrier) {
+      f->state = State::kRunnable;
+      f->barrier_result = any;
     }
-    return true;
   }
-  return done == b.nthreads;
+  return true;
 }
 
 void run_block(const LaunchConfig& cfg, uint3 block_idx, int64_t block_linear, size_t smem_limit) {
@@ -244,17 +240,33 @@ void run_block(const LaunchConfig& cfg, uint3 block_idx, int64_t block_linear, s
     b.fibers.push_back(std::move(f));
   }
   g_block = &b;
-  const std::vector<int> order = schedule_order(nthreads, block_linear);
+  // Each warp in turn runs as far as it can (through its warp barriers and shuffles, up
+  // to a __syncthreads or its end) before the next warp starts, as warps may on a GPU:
+  // a warp racing ahead into the next phase exposes a missing block barrier. The
+  // schedule sets the order of the warps and of the lanes within each warp.
+  const int nwarps = (nthreads + 31) / 32;
+  const std::vector<int> warp_order = schedule_order(nwarps, block_linear);
+  std::vector<std::vector<int>> lane_order(nwarps);
+  for (int w = 0; w < nwarps; ++w) {
+    lane_order[w] = schedule_order(std::min(32, nthreads - 32 * w), block_linear * 64 + w);
+  }
   while (true) {
-    for (int i : order) {
-      Fiber& f = *b.fibers[i];
-      if (f.state != State::kRunnable) continue;
-      g_current = &f;
-      cuda_emu_switch(&g_main_sp, f.sp);
-      g_current = nullptr;
-      if (f.state == State::kFailed) raise(g_failure + " (" + describe(f) + ")");
+    for (int w : warp_order) {
+      do {
+        for (int lane : lane_order[w]) {
+          Fiber& f = *b.fibers[32 * w + lane];
+          if (f.state != State::kRunnable) continue;
+          g_current = &f;
+          cuda_emu_switch(&g_main_sp, f.sp);
+          g_current = nullptr;
+          if (f.state == State::kFailed) raise(g_failure + " (" + describe(f) + ")");
+        }
+      } while (release_warp(b, w));
     }
-    if (!resolve_barriers(b)) {
+    bool all_done = true;
+    for (auto& f : b.fibers) all_done &= f->state == State::kDone;
+    if (all_done) break;
+    if (!release_block(b)) {
       std::string where;
       for (auto& f : b.fibers) {
         if (f->state == State::kAtBlockBarrier || f->state == State::kAtWarpBarrier) {
@@ -266,9 +278,6 @@ void run_block(const LaunchConfig& cfg, uint3 block_idx, int64_t block_linear, s
       raise("barrier divergence, the block can never finish: " + where +
             " that other threads of its block or warp never reach");
     }
-    bool all_done = true;
-    for (auto& f : b.fibers) all_done &= f->state == State::kDone;
-    if (all_done) break;
   }
   g_block = nullptr;
   g_threads_run += nthreads;

@@ -21,7 +21,7 @@ First run: ~1 min to build (cached under build/cuda_emulation afterwards).
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -29,9 +29,14 @@ import torch
 
 import charmlp  # noqa: F401  (registers torch.ops.charmlp)
 from charmlp import ops
+from conftest import assert_all_bitwise, assert_bitwise
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
-import build as cuda_emulation  # noqa: E402
+# Loaded from its path under a name of its own (a bare `import build` could find pypa's).
+_spec = importlib.util.spec_from_file_location(
+    "charmlp_cuda_emulation_build", Path(__file__).resolve().parent / "cuda_emulation" / "build.py"
+)
+cuda_emulation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cuda_emulation)
 
 cuda_emulation.load()
 EMU = torch.ops.charmlp_cuda_emu
@@ -83,11 +88,6 @@ def _close(actual, expected, dtype, what=""):
         torch.float16: (2e-3, 2e-3),
     }[dtype]
     torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
-def _bitwise(a, b, what=""):
-    assert a.dtype == b.dtype and a.shape == b.shape, what
-    assert torch.equal(a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b), what
 
 
 def test_every_cuda_op_is_emulated():
@@ -163,9 +163,8 @@ def test_embed_linear_tanh_deterministic_whatever_the_thread_order(shape, algori
             results.append([out, *EMU.embed_linear_tanh_backward(grad_out, out, idx, table, weight)])
     finally:
         torch.use_deterministic_algorithms(prev)
-    for other in results[1:]:
-        for name, a, b in zip(["out", "grad_table", "grad_weight", "grad_bias"], results[0], other):
-            _bitwise(a, b, name)
+    for other in results[1:]:  # out, grad_table, grad_weight, grad_bias
+        assert_all_bitwise(other, results[0])
 
 
 def test_embed_linear_tanh_int32_noncontiguous_and_empty():
@@ -179,8 +178,7 @@ def test_embed_linear_tanh_int32_noncontiguous_and_empty():
         out = EMU.embed_linear_tanh(i, table, w, bias[:H])
         assert out.shape == (B, H)
         got = EMU.embed_linear_tanh_backward(torch.zeros(B, H), out, i, table, w)
-        for a, e in zip(got, CPU.embed_linear_tanh_backward(torch.zeros(B, H), out, i, table, w)):
-            _bitwise(a, e)
+        assert_all_bitwise(got, CPU.embed_linear_tanh_backward(torch.zeros(B, H), out, i, table, w))
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,8 +291,7 @@ def test_linear_cross_entropy_deterministic_whatever_the_thread_order():
         _configure(schedule=schedule)
         results.append(EMU.linear_cross_entropy_and_grads(x, w, b, target, 1, -100, 0.0))
     for other in results[1:]:
-        for a, e in zip(results[0], other):
-            _bitwise(a, e)
+        assert_all_bitwise(other, results[0])
 
 
 # ----------------------------------------------------------------------------------------
@@ -383,9 +380,8 @@ def test_mlp_sgd_steps_equal_single_steps(B):
         one_by_one = torch.stack([EMU.mlp_sgd_step(idx[k], target[k], *single, lrs[k]) for k in range(K)])
     finally:
         torch.use_deterministic_algorithms(prev)
-    _bitwise(losses, one_by_one, "losses")
-    for a, b in zip(steps, single):
-        _bitwise(a, b)
+    assert_bitwise(losses, one_by_one)
+    assert_all_bitwise(steps, single)
     ref = [p.clone() for p in params]
     _close(losses, CPU.mlp_sgd_steps(idx, target, *ref, lrs), torch.float32, "losses vs CPU")
     for a, e in zip(steps, ref):
@@ -407,8 +403,7 @@ def test_mlp_sgd_step_deterministic_whatever_the_thread_order(B):
     finally:
         torch.use_deterministic_algorithms(prev)
     for other in results[1:]:
-        for a, b in zip(results[0], other):
-            _bitwise(a, b)
+        assert_all_bitwise(other, results[0])
 
 
 def test_mlp_sgd_steps_empty():
@@ -418,8 +413,7 @@ def test_mlp_sgd_steps_empty():
     assert out.shape == (0,)
     out = EMU.mlp_sgd_steps(torch.zeros(2, 0, 3, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long), *p, [0.1, 0.1])
     assert out.shape == (2,) and torch.isnan(out).all()
-    for a, b in zip(p, params):
-        _bitwise(a, b)
+    assert_all_bitwise(p, params)
 
 
 # ----------------------------------------------------------------------------------------
@@ -477,8 +471,7 @@ def test_bad_index_in_a_step_changes_no_parameter(B):
         p = [t.clone() for t in params]
         with pytest.raises(IndexError, match="idx contains 99"):
             run(p)
-        for a, b in zip(p, params):
-            _bitwise(a, b)
+        assert_all_bitwise(p, params)
 
 
 @pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
@@ -493,8 +486,7 @@ def test_bad_index_under_graph_capture_is_reported_after_it(B):
     _configure(capturing=True)
     EMU.mlp_sgd_step(bad, target, *p, 0.1)  # no exception while "capturing"
     EMU.mlp_sgd_step(idx, target, *p, 0.1)  # a good step after a bad one: skipped too
-    for a, b in zip(p, params):
-        _bitwise(a, b)
+    assert_all_bitwise(p, params)
     _configure(capturing=False)
     with pytest.raises(IndexError, match="idx contains 27"):
         EMU.cross_entropy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 1, -100, 0.0)

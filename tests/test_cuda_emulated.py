@@ -22,6 +22,9 @@ First run: ~1 min to build (cached under build/cuda_emulation afterwards).
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,8 +245,9 @@ def test_cross_entropy_ignore_index_int32_and_all_ignored(ignore_index):
 # ----------------------------------------------------------------------------------------
 
 # (B, H, V): the fused small-vocabulary kernels (V <= 32) with one and several blocks,
-# V not a multiple of anything, and the generic path (V > 32).
-LCE_SHAPES = [(1, 1, 2), (32, 200, 27), (45, 17, 32), (700, 70, 27), (33, 9, 40)]
+# V not a multiple of anything, and the generic path (V > 32, or a V <= 32 whose
+# weight does not fit in shared memory).
+LCE_SHAPES = [(1, 1, 2), (32, 200, 27), (45, 17, 32), (700, 70, 27), (33, 9, 40), (20, 3000, 20)]
 
 
 def _lce_inputs(B, H, V, dtype, seed=0):
@@ -406,6 +410,16 @@ def test_mlp_sgd_step_deterministic_whatever_the_thread_order(B):
         assert_all_bitwise(other, results[0])
 
 
+def test_full_batch_loss_and_grads():
+    """The lecture's full batch (228,146 rows), the H200 target's workload: the automatic
+    choice takes the folded first layer, and the fused output layer runs on every SM."""
+    idx, target, params = _model(228146, 3, 27, 10, 200, torch.float32, seed=6)
+    got = EMU.mlp_cross_entropy_and_grads(idx, target, *params)
+    want = CPU.mlp_cross_entropy_and_grads(idx, target, *params)
+    for name, a, e in zip(["loss", "table", "weight1", "bias1", "weight2", "bias2"], got, want):
+        _close(a, e, torch.float32, name)
+
+
 def test_mlp_sgd_steps_empty():
     _, _, params = _model(4, 3, 27, 10, 16, torch.float32)
     p = [t.clone() for t in params]
@@ -492,3 +506,38 @@ def test_bad_index_under_graph_capture_is_reported_after_it(B):
         EMU.cross_entropy(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 1, -100, 0.0)
     EMU.mlp_sgd_step(idx, target, *p, 0.1)  # the record is clear again: this one updates
     assert not torch.equal(p[1], params[1])
+
+
+_ASYNC_SCRIPT = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("emu_build", sys.argv[1])
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+build.load()
+emu = torch.ops.charmlp_cuda_emu
+logits, good = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+bad = torch.tensor([0, 1, 3, 0])
+emu.cross_entropy(logits, bad, 1, -100, 0.0)  # async: recorded, not raised yet
+try:
+    emu.cross_entropy(logits, good, 1, -100, 0.0)
+except IndexError as e:
+    print("raised:", e)
+emu.cross_entropy(logits, good, 1, -100, 0.0)  # the record was cleared
+print("ok")
+"""
+
+
+def test_async_index_check_mode_raises_one_op_late():
+    """CHARMLP_CUDA_INDEX_CHECK=async: no synchronization after an op; a later op polls the
+    copied record and raises the error then (its own process: the mode is read once)."""
+    env = dict(os.environ, CHARMLP_CUDA_INDEX_CHECK="async")
+    script = str(Path(__file__).resolve().parent / "cuda_emulation" / "build.py")
+    r = subprocess.run([sys.executable, "-c", _ASYNC_SCRIPT, script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert "raised: charmlp: target contains 3 at flat position 2, outside the valid range [0, 3)" in lines[-2], r.stdout
+    assert lines[-1] == "ok"
+
+    env["CHARMLP_CUDA_INDEX_CHECK"] = "later"
+    r = subprocess.run([sys.executable, "-c", _ASYNC_SCRIPT, script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "CHARMLP_CUDA_INDEX_CHECK must be 'sync' or 'async', got 'later'" in r.stderr

@@ -240,6 +240,40 @@ def test_cross_entropy_ignore_index_int32_and_all_ignored(ignore_index):
     assert torch.isnan(a), "the mean over no counted rows is NaN, as in F.cross_entropy"
 
 
+@pytest.mark.parametrize("special", ["large", "nan", "-inf"])
+def test_cross_entropy_special_logits(special):
+    """Logits of order 1e3 (the row max must be subtracted before exp), a NaN (the row's
+    lse and loss become NaN, as on CPU and in F.cross_entropy) and -inf entries."""
+    logits, target = _ce_inputs(40, 27, torch.float32)
+    if special == "large":
+        logits = logits * 300
+    elif special == "nan":
+        logits[3, 5] = float("nan")
+    else:
+        logits[:, ::3] = float("-inf")
+        target[target % 3 == 0] = 1
+    for r in REDUCTIONS.values():
+        for name, a, e in zip(
+            ["loss", "lse"], EMU.cross_entropy(logits, target, r, -100, 0.1), CPU.cross_entropy(logits, target, r, -100, 0.1)
+        ):
+            _close(a, e, torch.float32, f"{name} (reduction {r})")
+    _, lse = CPU.cross_entropy(logits, target, 0, -100, 0.0)
+    g = torch.randn(40)
+    _close(
+        EMU.cross_entropy_backward(g, logits, target, lse, 0, -100, 0.0),
+        CPU.cross_entropy_backward(g, logits, target, lse, 0, -100, 0.0),
+        torch.float32,
+        "grad_logits",
+    )
+
+
+def test_cross_entropy_noncontiguous_logits():
+    logits, target = _ce_inputs(30, 27, torch.float32)
+    logits_t = logits.t().contiguous().t()  # same values, column-major
+    for a, e in zip(EMU.cross_entropy_and_grads(logits_t, target, 1, -100, 0.0), CPU.cross_entropy_and_grads(logits, target, 1, -100, 0.0)):
+        _close(a, e, torch.float32, "cross_entropy_and_grads")
+
+
 # ----------------------------------------------------------------------------------------
 # linear_cross_entropy
 # ----------------------------------------------------------------------------------------
@@ -296,6 +330,22 @@ def test_linear_cross_entropy_deterministic_whatever_the_thread_order():
         results.append(EMU.linear_cross_entropy_and_grads(x, w, b, target, 1, -100, 0.0))
     for other in results[1:]:
         assert_all_bitwise(other, results[0])
+
+
+@pytest.mark.parametrize("V", [27, 40], ids=["fused", "generic"])
+def test_linear_cross_entropy_noncontiguous_and_special_inputs(V):
+    x, w, b, target = _lce_inputs(50, 16, V, torch.float32)
+    x_t, w_t = x.t().contiguous().t(), w.t().contiguous().t()
+    want = CPU.linear_cross_entropy_and_grads(x, w, b, target, 1, -100, 0.0)
+    for a, e in zip(EMU.linear_cross_entropy_and_grads(x_t, w_t, b, target, 1, -100, 0.0), want):
+        _close(a, e, torch.float32, "non-contiguous")
+    x_big = x * 200  # logits of order 1e3
+    x_nan = x.clone()
+    x_nan[4, 2] = float("nan")
+    for xx in (x_big, x_nan):
+        for r in REDUCTIONS.values():
+            for a, e in zip(EMU.linear_cross_entropy(xx, w, b, target, r, -100, 0.0), CPU.linear_cross_entropy(xx, w, b, target, r, -100, 0.0)):
+                _close(a, e, torch.float32, f"reduction {r}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -408,6 +458,29 @@ def test_mlp_sgd_step_deterministic_whatever_the_thread_order(B):
         torch.use_deterministic_algorithms(prev)
     for other in results[1:]:
         assert_all_bitwise(other, results[0])
+
+
+@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
+def test_noncontiguous_params_are_updated_in_place(B):
+    """A parameter passed as a non-contiguous view (weight1 as a transpose) is updated
+    through that view, by mlp_sgd_step and mlp_sgd_steps alike."""
+    idx, target, params = _model(B, 3, 27, 10, 64, torch.float32)
+
+    def views():
+        p = [t.clone() for t in params]
+        p[1] = p[1].t().contiguous().t()
+        assert not p[1].is_contiguous()
+        return p
+
+    mine, ref = views(), [t.clone() for t in params]
+    _close(EMU.mlp_sgd_step(idx, target, *mine, 0.1), CPU.mlp_sgd_step(idx, target, *ref, 0.1), torch.float32, "loss")
+    for a, e in zip(mine, ref):
+        _close(a, e, torch.float32, "param")
+    mine, ref = views(), [t.clone() for t in params]
+    EMU.mlp_sgd_steps(idx[None].expand(2, -1, -1), target[None].expand(2, -1), *mine, [0.1, 0.2])
+    CPU.mlp_sgd_steps(idx[None].expand(2, -1, -1), target[None].expand(2, -1), *ref, [0.1, 0.2])
+    for a, e in zip(mine, ref):
+        _close(a, e, torch.float32, "param (steps)")
 
 
 def test_full_batch_loss_and_grads():

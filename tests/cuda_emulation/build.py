@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -125,18 +126,25 @@ def sources() -> list[Path]:
     return out
 
 
-def load(verbose: bool = False) -> None:
+def load(verbose: bool = False, sanitize: bool = False) -> None:
     """Builds (incrementally) and loads the emulated library; its ops appear under
-    torch.ops.charmlp_cuda_emu."""
+    torch.ops.charmlp_cuda_emu.
+
+    sanitize=True builds it with AddressSanitizer, so that any out-of-bounds access by a
+    kernel or host wrapper to a tensor (each a separate heap block with red zones around
+    it) aborts with a report. The process must then run with ASan's runtime preloaded
+    (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``, ``ASAN_OPTIONS=detect_leaks=0``):
+    see test_cuda_emulated.py."""
     from torch.utils import cpp_extension
 
     srcs = sources()
-    # One build directory per set of sources' paths (ninja handles content changes).
+    # One build directory per set of sources' paths and flavour (ninja handles content changes).
     tag = hashlib.sha1("\n".join(map(str, srcs)).encode()).hexdigest()[:8]
-    build_dir = BUILD / f"ninja-{tag}"
+    build_dir = BUILD / f"ninja-{tag}{'-asan' if sanitize else ''}"
     build_dir.mkdir(parents=True, exist_ok=True)
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if sanitize else []
     cpp_extension.load(
-        name="charmlp_cuda_emu",
+        name="charmlp_cuda_emu_asan" if sanitize else "charmlp_cuda_emu",
         sources=[str(s) for s in srcs],
         extra_include_paths=[str(HERE / "include"), str(BUILD / "gen"), str(CSRC)],
         extra_cflags=[
@@ -146,7 +154,9 @@ def load(verbose: bool = False) -> None:
             "-Wno-unknown-pragmas",
             "-include",
             str(HERE / "include" / "cuda_emu_prelude.h"),
+            *asan,
         ],
+        extra_ldflags=asan,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
@@ -154,7 +164,7 @@ def load(verbose: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    load(verbose=True)
+    load(verbose=True, sanitize="--asan" in sys.argv)
     import torch
 
     print("emulated ops:", sorted(n for n in dir(torch.ops.charmlp_cuda_emu) if not n.startswith("_")))

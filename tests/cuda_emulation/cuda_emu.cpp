@@ -41,6 +41,11 @@
 #include "cpu/embed_algorithm.h"
 #include "cuda_emu_device.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 namespace cuda_emu {
 namespace {
 
@@ -140,18 +145,47 @@ std::atomic<int64_t> g_threads_run{0};
 
 [[noreturn]] void raise(const std::string& what) { TORCH_CHECK(false, "CUDA emulation: ", what); }
 
-void switch_to_main() { cuda_emu_switch(&g_current->sp, g_main_sp); }
+// AddressSanitizer builds (build.py's sanitize=True) must be told about every stack
+// switch, or they take the fiber stacks for overflows of the main one.
+#if defined(__SANITIZE_ADDRESS__)
+const void* g_main_stack_bottom = nullptr;
+size_t g_main_stack_size = 0;
+#endif
+
+// Called on a fiber's stack once it runs again (or for the first time).
+void arrived_on_fiber() {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &g_main_stack_bottom, &g_main_stack_size);
+#endif
+}
+
+void switch_to_main(bool finished = false) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(finished ? nullptr : &fake_stack, g_main_stack_bottom,
+                                 g_main_stack_size);
+#else
+  (void)finished;
+#endif
+  cuda_emu_switch(&g_current->sp, g_main_sp);
+  arrived_on_fiber();
+}
 
 [[noreturn]] void fiber_entry() {
+  arrived_on_fiber();
   g_body(g_body_ctx);
   g_current->state = State::kDone;
-  switch_to_main();
+  switch_to_main(/*finished=*/true);
   std::abort();  // a finished fiber is never resumed
 }
 
 // A fresh stack laid out as cuda_emu_switch leaves one, so that switching to it
 // "returns" into fiber_entry with the ABI's stack alignment.
 void* new_fiber_stack(char* base, size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  // The stack's previous fiber may have left poisoned frames (red zones) behind.
+  __asan_unpoison_memory_region(base, size);
+#endif
   auto top = reinterpret_cast<uintptr_t>(base + size) & ~uintptr_t{15};
   auto* w = reinterpret_cast<uint64_t*>(top);
   w[-1] = 0;                                          // fiber_entry's return address (never used)
@@ -257,7 +291,15 @@ void run_block(const LaunchConfig& cfg, uint3 block_idx, int64_t block_linear, s
           Fiber& f = *b.fibers[32 * w + lane];
           if (f.state != State::kRunnable) continue;
           g_current = &f;
+#if defined(__SANITIZE_ADDRESS__)
+          void* fake_stack = nullptr;
+          __sanitizer_start_switch_fiber(&fake_stack, g_stacks[32 * w + lane]->base + kGuardBytes,
+                                         kStackBytes);
           cuda_emu_switch(&g_main_sp, f.sp);
+          __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#else
+          cuda_emu_switch(&g_main_sp, f.sp);
+#endif
           g_current = nullptr;
           if (f.state == State::kFailed) raise(g_failure + " (" + describe(f) + ")");
         }

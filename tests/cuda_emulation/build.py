@@ -67,6 +67,9 @@ def _split_top_level(args: str) -> list[str]:
     return parts
 
 
+_KERNEL_NAME = re.compile(r"[A-Za-z_][\w:]*(?:<[^;{}()]*>)?")
+
+
 def _rewrite_launches(src: str) -> str:
     out = []
     pos = 0
@@ -83,6 +86,9 @@ def _rewrite_launches(src: str) -> str:
         while src[k].isspace():
             k += 1
         kernel = src[k:start].strip()
+        if not _KERNEL_NAME.fullmatch(kernel):
+            # e.g. `if (c) k<<<...>>>(...)`: the rewrite would launch unconditionally.
+            raise ValueError(f"cannot rewrite the launch of {kernel!r}: name the kernel on its own statement")
         config = src[start + 3 : end]
         parts = _split_top_level(config)
         # The kernel's address identifies it for the shared-memory opt-in check; only
@@ -91,12 +97,15 @@ def _rewrite_launches(src: str) -> str:
         has_smem = len(parts) >= 3 and parts[2].strip() != "0"
         kid = f"reinterpret_cast<const void*>({kernel})" if has_smem else "nullptr"
         out.append(src[pos:k])
-        out.append(f"::cuda_emu::launch([&](auto... a) {{ {kernel}(a...); }}, {kid}, {config})")
+        launch = f"::cuda_emu::launch([&](auto... a) {{ {kernel}(a...); }}, {kid}, {config})"
+        # Same number of lines as the original, so #line keeps diagnostics on the .cu's lines.
+        out.append(launch.replace("\n", " ") + "\n" * src[k : end + 3].count("\n"))
         pos = end + 3
 
 
-def convert_cu(src: str) -> str:
-    """The host-compilable form of a .cu file (see the module docstring)."""
+def convert_cu(src: str, origin: str = "") -> str:
+    """The host-compilable form of a .cu file (see the module docstring); `origin`, the
+    file's path, for #line (compiler and sanitizer messages then name the .cu)."""
     src = _strip_line_comments(src)
     src = _EXTERN_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(::cuda_emu::dynamic_shared());", src)
     src = _STATIC_SHARED.sub(
@@ -105,7 +114,8 @@ def convert_cu(src: str) -> str:
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the converter does not understand")
     src = _rewrite_launches(src)
-    return '#include "cuda_emu_device.h"\n' + src
+    line = f'#line 1 "{origin}"\n' if origin else ""
+    return '#include "cuda_emu_device.h"\n' + line + src
 
 
 def sources() -> list[Path]:
@@ -116,8 +126,8 @@ def sources() -> list[Path]:
     out += sorted((CSRC / "cuda").glob("*_cuda.cpp"))
     # Kernel headers land in gen/cuda/ under their own names: gen/ comes before csrc/
     # on the include path, so `#include "cuda/tiled_gemm.cuh"` finds the converted one.
-    for cu in sorted((CSRC / "cuda").glob("*.cu*")):
-        text = convert_cu(cu.read_text())
+    for cu in [*sorted((CSRC / "cuda").glob("*.cu*")), HERE / "selftest_kernels.cu"]:
+        text = convert_cu(cu.read_text(), str(cu))
         dst = gen / (cu.name if cu.suffix == ".cuh" else cu.stem + "_cu.cpp")
         if not dst.exists() or dst.read_text() != text:  # keep ninja's incremental build
             dst.write_text(text)

@@ -63,7 +63,7 @@ enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone, kFailed };
 // the stack `to` (which was left the same way, or prepared by new_fiber_stack).
 extern "C" void cuda_emu_switch(void** save, void* to);
 asm(R"(
-.text
+.pushsection .text
 .globl cuda_emu_switch
 .type cuda_emu_switch,@function
 cuda_emu_switch:
@@ -89,8 +89,7 @@ cuda_emu_switch:
   popq %rbp
   ret
 .size cuda_emu_switch, .-cuda_emu_switch
-.section .note.GNU-stack,"",@progbits
-.text
+.popsection
 )");
 
 struct Fiber {
@@ -100,7 +99,7 @@ struct Fiber {
   int linear = 0;
   int predicate = 0;
   int barrier_result = 0;
-  unsigned mask = 0;
+  BarrierKind kind = BarrierKind::kSyncwarp;  // which warp barrier it waits at
 };
 
 // mmap'd stacks with a PROT_NONE guard page below each: an overflow faults at once
@@ -152,29 +151,37 @@ const void* g_main_stack_bottom = nullptr;
 size_t g_main_stack_size = 0;
 #endif
 
-// Called on a fiber's stack once it runs again (or for the first time).
-void arrived_on_fiber() {
+// Called on a fiber's stack once it runs (again): fake_stack is what ASan handed out
+// when this fiber last switched away (null on its first run).
+void arrived_on_fiber(void* fake_stack) {
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_finish_switch_fiber(nullptr, &g_main_stack_bottom, &g_main_stack_size);
+  __sanitizer_finish_switch_fiber(fake_stack, &g_main_stack_bottom, &g_main_stack_size);
+#else
+  (void)fake_stack;
 #endif
 }
 
 void switch_to_main(bool finished = false) {
-#if defined(__SANITIZE_ADDRESS__)
   void* fake_stack = nullptr;
+#if defined(__SANITIZE_ADDRESS__)
   __sanitizer_start_switch_fiber(finished ? nullptr : &fake_stack, g_main_stack_bottom,
                                  g_main_stack_size);
 #else
   (void)finished;
 #endif
   cuda_emu_switch(&g_current->sp, g_main_sp);
-  arrived_on_fiber();
+  arrived_on_fiber(fake_stack);
 }
 
 [[noreturn]] void fiber_entry() {
-  arrived_on_fiber();
-  g_body(g_body_ctx);
-  g_current->state = State::kDone;
+  arrived_on_fiber(nullptr);
+  try {
+    g_body(g_body_ctx);
+    g_current->state = State::kDone;
+  } catch (const std::exception& e) {  // cannot unwind past this frame: report instead
+    g_failure = std::string("a kernel threw: ") + e.what();
+    g_current->state = State::kFailed;
+  }
   switch_to_main(/*finished=*/true);
   std::abort();  // a finished fiber is never resumed
 }
@@ -224,6 +231,13 @@ bool release_warp(BlockState& b, int w) {
     done += b.fibers[i]->state == State::kDone;
   }
   if (waiting == 0 || waiting + done != last - first) return false;
+  for (int i = first; i < last; ++i) {
+    if (b.fibers[i]->state == State::kAtWarpBarrier && b.fibers[i]->kind != b.fibers[first]->kind) {
+      raise("lanes of warp " + std::to_string(w) + " of " + describe(*b.fibers[first]) +
+            "'s block meet at different warp barriers (a __syncwarp against a shuffle, or "
+            "shuffles out of step)");
+    }
+  }
   if (done > 0) {
     raise("a warp barrier or shuffle (full mask) in warp " + std::to_string(w) + " of " +
           describe(*b.fibers[first]) + "'s block is missing " + std::to_string(done) +
@@ -251,6 +265,11 @@ bool release_block(BlockState& b) {
   return true;
 }
 
+// The most static shared memory any block of a kernel has allocated so far (keyed by the
+// launch's body, one per kernel instantiation): CUDA reserves a kernel's static
+// __shared__ whether or not a given block reaches the declaration.
+std::map<void (*)(void*), size_t> g_static_smem;
+
 void run_block(const LaunchConfig& cfg, uint3 block_idx, int64_t block_linear, size_t smem_limit) {
   const int nthreads = static_cast<int>(cfg.block.x * cfg.block.y * cfg.block.z);
   BlockState b;
@@ -274,12 +293,16 @@ void run_block(const LaunchConfig& cfg, uint3 block_idx, int64_t block_linear, s
     b.fibers.push_back(std::move(f));
   }
   g_block = &b;
+  struct ClearBlock {
+    ~ClearBlock() { g_block = nullptr; }
+  } clear_block;  // also when a check below raises
   // Each warp in turn runs as far as it can (through its warp barriers and shuffles, up
   // to a __syncthreads or its end) before the next warp starts, as warps may on a GPU:
   // a warp racing ahead into the next phase exposes a missing block barrier. The
   // schedule sets the order of the warps and of the lanes within each warp.
   const int nwarps = (nthreads + 31) / 32;
-  const std::vector<int> warp_order = schedule_order(nwarps, block_linear);
+  std::vector<int> warp_order = schedule_order(nwarps, block_linear);
+  int64_t phase = 0;  // block barriers passed: a shuffled schedule reorders the warps at each
   std::vector<std::vector<int>> lane_order(nwarps);
   for (int w = 0; w < nwarps; ++w) {
     lane_order[w] = schedule_order(std::min(32, nthreads - 32 * w), block_linear * 64 + w);
@@ -320,12 +343,14 @@ void run_block(const LaunchConfig& cfg, uint3 block_idx, int64_t block_linear, s
       raise("barrier divergence, the block can never finish: " + where +
             " that other threads of its block or warp never reach");
     }
+    if (g_schedule.load() >= 2) warp_order = schedule_order(nwarps, block_linear * 4099 + ++phase);
   }
-  g_block = nullptr;
   g_threads_run += nthreads;
-  const size_t total = b.static_bytes + cfg.dynamic_smem;
+  size_t& kernel_static = g_static_smem[g_body];
+  kernel_static = std::max(kernel_static, b.static_bytes);
+  const size_t total = kernel_static + cfg.dynamic_smem;
   if (total > smem_limit) {
-    raise("a block uses " + std::to_string(b.static_bytes) + " bytes of static and " +
+    raise("a block uses " + std::to_string(kernel_static) + " bytes of static and " +
           std::to_string(cfg.dynamic_smem) + " of dynamic shared memory, over the " +
           std::to_string(smem_limit) + " this launch may use");
   }
@@ -383,10 +408,10 @@ int block_barrier_or(int predicate) {
   return g_current->barrier_result;
 }
 
-void warp_barrier(unsigned mask) {
+void warp_barrier(unsigned mask, BarrierKind kind) {
   if (mask != 0xffffffffu) fail("__syncwarp: only the full mask is emulated");
   g_current->state = State::kAtWarpBarrier;
-  g_current->mask = mask;
+  g_current->kind = kind;
   switch_to_main();
 }
 
@@ -428,7 +453,10 @@ void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
   g_body_ctx = ctx;
   ++g_launches;
   const int64_t nblocks = int64_t{g.x} * g.y * g.z;
-  std::vector<int> order = schedule_order(static_cast<int>(std::min<int64_t>(nblocks, 1 << 30)), -1);
+  if (nblocks > (int64_t{1} << 24)) {
+    raise("a grid of " + std::to_string(nblocks) + " blocks: more than this emulator runs");
+  }
+  std::vector<int> order = schedule_order(static_cast<int>(nblocks), -1);
   for (int i : order) {
     const int64_t lin = i;
     const uint3 bidx{static_cast<unsigned>(lin % g.x), static_cast<unsigned>((lin / g.x) % g.y),

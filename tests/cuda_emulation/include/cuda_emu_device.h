@@ -37,7 +37,8 @@ void* dynamic_shared();                                // the launch's dynamic s
 void* block_shared_bytes(const void* site, size_t n);  // a static __shared__ array, per block
 void block_barrier();
 int block_barrier_or(int predicate);
-void warp_barrier(unsigned mask);
+enum class BarrierKind { kSyncwarp, kShuffleWrite, kShuffleRead };
+void warp_barrier(unsigned mask, BarrierKind kind);
 // The calling lane's slot in its warp's shuffle exchange, and another lane's.
 uint64_t* warp_exchange_slot(int lane);
 int lane_id();
@@ -57,19 +58,25 @@ A& block_shared(const void* site) {
 
 inline void __syncthreads() { ::cuda_emu::block_barrier(); }
 inline int __syncthreads_or(int predicate) { return ::cuda_emu::block_barrier_or(predicate); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuda_emu::warp_barrier(mask); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  ::cuda_emu::warp_barrier(mask, ::cuda_emu::BarrierKind::kSyncwarp);
+}
 
 template <class T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
   const int lane = ::cuda_emu::lane_id();
   if (width != 32 || mask != 0xffffffffu) ::cuda_emu::fail("__shfl_xor_sync: only full-warp shuffles are emulated");
+  const unsigned src = static_cast<unsigned>(lane ^ lane_mask);
+  if (lane_mask < 0 || src >= static_cast<unsigned>(::cuda_emu::warp_lanes())) {
+    ::cuda_emu::fail("__shfl_xor_sync reads a lane that does not exist (undefined on a GPU)");
+  }
   std::memcpy(::cuda_emu::warp_exchange_slot(lane), &value, sizeof(T));
-  ::cuda_emu::warp_barrier(mask);
-  const int src = lane ^ lane_mask;
-  T out = value;  // a source lane outside the warp returns the caller's own value
-  if (src < ::cuda_emu::warp_lanes()) std::memcpy(&out, ::cuda_emu::warp_exchange_slot(src), sizeof(T));
-  ::cuda_emu::warp_barrier(mask);  // nobody overwrites a slot before every lane read it
+  ::cuda_emu::warp_barrier(mask, ::cuda_emu::BarrierKind::kShuffleWrite);
+  T out;
+  std::memcpy(&out, ::cuda_emu::warp_exchange_slot(static_cast<int>(src)), sizeof(T));
+  // Nobody overwrites a slot before every lane has read it.
+  ::cuda_emu::warp_barrier(mask, ::cuda_emu::BarrierKind::kShuffleRead);
   return out;
 }
 

@@ -12,11 +12,14 @@ index-error recording and the messages it raises, that the deterministic paths g
 bitwise the same result whatever order the threads run in (a missing barrier or a
 racy reduction would not), that no output element is left unwritten (deterministic
 mode fills fresh memory with NaN, the emulation fills shared memory with NaN too),
-and that barriers are never divergent and shared memory stays within the limits. What
-it cannot: real-hardware concerns (memory ordering between concurrently running
+and that barriers are never divergent and shared memory stays within the limits. Each
+test runs its threads in a shuffled order of its own; an AddressSanitizer re-run
+catches any access past a tensor; self-test kernels show each emulator check fires.
+What it cannot: real-hardware concerns (memory ordering between concurrently running
 threads, timing, occupancy, the GPU's libm). See tests/cuda_emulation/cuda_emu.cpp.
 
-First run: ~1 min to build (cached under build/cuda_emulation afterwards).
+First run: ~1 min to build (~1 min more for the ASan build; both cached under
+build/cuda_emulation afterwards).
 """
 
 from __future__ import annotations

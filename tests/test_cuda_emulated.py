@@ -606,11 +606,15 @@ emu = torch.ops.charmlp_cuda_emu
 logits, good = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
 bad = torch.tensor([0, 1, 3, 0])
 emu.cross_entropy(logits, bad, 1, -100, 0.0)  # async: recorded, not raised yet
-try:
+for op in range(1, 5):
+    try:
+        emu.cross_entropy(logits, good, 1, -100, 0.0)
+    except IndexError as e:
+        print("raised:", e)
+        print("raised at good op", op)
+        break
+for _ in range(3):  # the record was cleared: no more errors
     emu.cross_entropy(logits, good, 1, -100, 0.0)
-except IndexError as e:
-    print("raised:", e)
-emu.cross_entropy(logits, good, 1, -100, 0.0)  # the record was cleared
 print("ok")
 """
 
@@ -623,7 +627,10 @@ def test_async_index_check_mode_raises_one_op_late():
     r = subprocess.run([sys.executable, "-c", _ASYNC_SCRIPT, script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert "raised: charmlp: target contains 3 at flat position 2, outside the valid range [0, 3)" in lines[-2], r.stdout
+    assert "raised: charmlp: target contains 3 at flat position 2, outside the valid range [0, 3)" in lines[-3], r.stdout
+    # The emulated event is "not ready" at its first query (a GPU still copying): the
+    # first good op only polls, the second one raises.
+    assert lines[-2] == "raised at good op 2", r.stdout
     assert lines[-1] == "ok"
 
     env["CHARMLP_CUDA_INDEX_CHECK"] = "later"
@@ -692,6 +699,12 @@ def test_emulator_rejects_what_a_gpu_would_not_run(name, message):
         EMU._emu_selftest(name)
     # The emulator is usable again afterwards.
     assert torch.equal(EMU._emu_selftest("rotate_with_barrier")[:2], torch.tensor([2.0, 3.0]))
+
+
+def test_emulator_enforces_launch_bounds():
+    with pytest.raises(RuntimeError, match="__launch_bounds__"):
+        EMU._emu_selftest("over_launch_bounds")
+    assert torch.equal(EMU._emu_selftest("within_launch_bounds"), torch.ones(64))
 
 
 def test_emulator_builtins_are_exact():

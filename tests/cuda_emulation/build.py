@@ -67,6 +67,22 @@ def _split_top_level(args: str) -> list[str]:
     return parts
 
 
+_LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\(\s*([^,()]+?)\s*(?:,[^()]*)?\)")
+
+
+def _check_launch_bounds(src: str) -> str:
+    """Opens each kernel declared with __launch_bounds__(N, ...) with a check that the
+    launch has at most N threads per block (a GPU refuses such a launch)."""
+    out, pos = [], 0
+    for m in _LAUNCH_BOUNDS.finditer(src):
+        body = src.index("{", m.end())  # a kernel's parameter list holds no brace
+        out.append(src[pos : body + 1])
+        out.append(f" ::cuda_emu::check_launch_bounds({m.group(1)});")
+        pos = body + 1
+    out.append(src[pos:])
+    return "".join(out)
+
+
 _KERNEL_NAME = re.compile(r"[A-Za-z_][\w:]*(?:<[^;{}()]*>)?")
 
 
@@ -113,6 +129,7 @@ def convert_cu(src: str, origin: str = "") -> str:
     )
     if "__shared__" in src:
         raise ValueError("a __shared__ declaration the converter does not understand")
+    src = _check_launch_bounds(src)
     src = _rewrite_launches(src)
     line = f'#line 1 "{origin}"\n' if origin else ""
     return '#include "cuda_emu_device.h"\n' + line + src

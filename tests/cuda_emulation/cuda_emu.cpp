@@ -419,6 +419,13 @@ uint64_t* warp_exchange_slot(int lane) {
   return &g_block->exchange[g_current->linear / 32][lane];
 }
 
+void check_launch_bounds(long long max_threads) {
+  const dim3& d = g_current->ts.block_dim;
+  if (static_cast<long long>(d.x) * d.y * d.z > max_threads) {
+    fail("a launch with more threads per block than the kernel's __launch_bounds__");
+  }
+}
+
 int lane_id() { return g_current->linear % 32; }
 
 int warp_lanes() { return std::min(32, g_block->nthreads - (g_current->linear / 32) * 32); }
@@ -466,6 +473,51 @@ void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
 }
 
 }  // namespace cuda_emu
+
+namespace {
+struct PendingCopy {
+  void* dst;
+  std::vector<unsigned char> bytes;  // the source as it was when the copy was issued
+};
+std::mutex g_copy_mutex;
+std::vector<PendingCopy> g_pending_copies;
+int g_event_queries_since_record = 0;
+
+void land_pending_copies() {
+  for (auto& c : g_pending_copies) std::memcpy(c.dst, c.bytes.data(), c.bytes.size());
+  g_pending_copies.clear();
+}
+}  // namespace
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  std::lock_guard<std::mutex> lock(g_copy_mutex);
+  if (kind != cudaMemcpyDeviceToHost) {
+    std::memmove(dst, src, n);
+    return cudaSuccess;
+  }
+  const auto* s = static_cast<const unsigned char*>(src);
+  g_pending_copies.push_back({dst, std::vector<unsigned char>(s, s + n)});
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  std::lock_guard<std::mutex> lock(g_copy_mutex);
+  land_pending_copies();
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) {
+  std::lock_guard<std::mutex> lock(g_copy_mutex);
+  g_event_queries_since_record = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventQuery(cudaEvent_t) {
+  std::lock_guard<std::mutex> lock(g_copy_mutex);
+  if (g_event_queries_since_record++ == 0) return cudaErrorNotReady;
+  land_pending_copies();
+  return cudaSuccess;
+}
 
 cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
   *p = std::malloc(n);

@@ -1,7 +1,7 @@
 // Deliberately right and wrong kernels that show the emulator's checks work (run by
 // tests/test_cuda_emulated.py::test_emulator_*): a result that depends on a missing
 // barrier, divergent barriers, shuffles with missing lanes, shared memory past the
-// default limit, and the exact semantics of the built-ins the charmlp kernels use.
+// default limit, a launch past __launch_bounds__, and the exact semantics of the built-ins the charmlp kernels use.
 // Compiled only into the emulated library (build.py), never into charmlp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -73,6 +73,8 @@ __global__ void big_smem_kernel(float* out) {
   out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
 }
 
+__global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx.x] = 1.0f; }
+
 at::Tensor selftest(const std::string& name) {
   at::Tensor out = at::full({1024}, -7.0f);
   float* o = out.mutable_data_ptr<float>();
@@ -95,6 +97,11 @@ at::Tensor selftest(const std::string& name) {
   } else if (name == "indexing") {
     indexing_kernel<<<dim3(3, 2, 2), 4>>>(o);
     return out.narrow(0, 0, 48);
+  } else if (name == "over_launch_bounds") {
+    bounded_kernel<<<1, 128>>>(o);
+  } else if (name == "within_launch_bounds") {
+    bounded_kernel<<<1, 64>>>(o);
+    return out.narrow(0, 0, 64);
   } else if (name == "smem_64k_without_opt_in") {
     big_smem_kernel<<<1, 32, 64 * 1024, nullptr>>>(o);
   } else if (name == "smem_64k_with_opt_in") {

@@ -43,6 +43,8 @@ void warp_barrier(unsigned mask, BarrierKind kind);
 uint64_t* warp_exchange_slot(int lane);
 int lane_id();
 int warp_lanes();  // lanes that exist in the calling warp (a partial last warp has fewer)
+// Called first thing by a kernel declared with __launch_bounds__(max_threads, ...).
+void check_launch_bounds(long long max_threads);
 
 template <class A>
 A& block_shared(const void* site) {

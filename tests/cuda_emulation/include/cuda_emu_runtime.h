@@ -114,12 +114,12 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t = 
   std::memset(p, value, n);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind,
-                                   cudaStream_t = nullptr) {
-  std::memmove(dst, src, n);
-  return cudaSuccess;
-}
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+// Device-to-host copies land only when the host waits for them (a stream sync, or an
+// event query that reports the work done), as on a GPU where the copy runs later:
+// host code that reads the destination too early sees stale data here too.
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind kind,
+                            cudaStream_t = nullptr);
+cudaError_t cudaStreamSynchronize(cudaStream_t);
 inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* s) {
   *s = cuda_emu::capturing() ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
   return cudaSuccess;
@@ -129,8 +129,9 @@ inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
   *e = reinterpret_cast<cudaEvent_t>(uintptr_t{1});
   return cudaSuccess;
 }
-inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
-inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }  // work is synchronous
+// An event is "not ready" at its first query after a record, and done at the next.
+cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr);
+cudaError_t cudaEventQuery(cudaEvent_t);
 inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
   if (value < 0 || static_cast<size_t>(value) > cuda_emu::device_properties().sharedMemPerBlockOptin) {

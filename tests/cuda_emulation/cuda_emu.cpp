@@ -231,8 +231,12 @@ bool release_warp(BlockState& b, int w) {
     done += b.fibers[i]->state == State::kDone;
   }
   if (waiting == 0 || waiting + done != last - first) return false;
+  const Fiber* some_waiter = nullptr;
+  for (int i = first; i < last && some_waiter == nullptr; ++i) {
+    if (b.fibers[i]->state == State::kAtWarpBarrier) some_waiter = b.fibers[i].get();
+  }
   for (int i = first; i < last; ++i) {
-    if (b.fibers[i]->state == State::kAtWarpBarrier && b.fibers[i]->kind != b.fibers[first]->kind) {
+    if (b.fibers[i]->state == State::kAtWarpBarrier && b.fibers[i]->kind != some_waiter->kind) {
       raise("lanes of warp " + std::to_string(w) + " of " + describe(*b.fibers[first]) +
             "'s block meet at different warp barriers (a __syncwarp against a shuffle, or "
             "shuffles out of step)");

@@ -101,12 +101,6 @@ T atomicMin(T* address, T value) {
   if (value < old) *address = value;
   return old;
 }
-template <class T>
-T atomicMax(T* address, T value) {
-  const T old = *address;
-  if (value > old) *address = value;
-  return old;
-}
 
 // CUDA's device overloads of min/max: fminf/fmaxf semantics for floating point (a NaN
 // operand loses), the plain comparison for integers.

@@ -19,17 +19,10 @@ typedef CUevent_st* cudaEvent_t;
 enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
-  cudaErrorInvalidConfiguration = 9,
   cudaErrorNotReady = 600,
 };
 enum cudaStreamCaptureStatus : int { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1 };
-enum cudaMemcpyKind : int {
-  cudaMemcpyHostToHost = 0,
-  cudaMemcpyHostToDevice = 1,
-  cudaMemcpyDeviceToHost = 2,
-  cudaMemcpyDeviceToDevice = 3,
-  cudaMemcpyDefault = 4
-};
+enum cudaMemcpyKind : int { cudaMemcpyDeviceToHost = 2 };
 enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 constexpr unsigned cudaHostAllocDefault = 0;
 constexpr unsigned cudaEventDisableTiming = 2;
@@ -43,13 +36,10 @@ struct dim3 {
 };
 
 // The device the emulation pretends to be: an H200 (the GPU the project targets).
+// Only the fields charmlp reads.
 struct cudaDeviceProp {
   int multiProcessorCount = 132;
-  size_t sharedMemPerBlock = 48 * 1024;
   size_t sharedMemPerBlockOptin = 232448;
-  int maxThreadsPerBlock = 1024;
-  int warpSize = 32;
-  int major = 9, minor = 0;
 };
 
 namespace cuda_emu {
@@ -101,15 +91,7 @@ KernelLaunch<Kernel> launch(Kernel kernel, const void* id, dim3 grid, dim3 block
 
 }  // namespace cuda_emu
 
-inline const char* cudaGetErrorString(cudaError_t e) {
-  return e == cudaSuccess ? "no error" : "cuda emulation error";
-}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaPeekAtLastError() { return cudaSuccess; }
-inline cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
-  return cudaSuccess;
-}
 inline cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t = nullptr) {
   std::memset(p, value, n);
   return cudaSuccess;

@@ -8,7 +8,6 @@
 namespace at {
 namespace cuda {
 struct CUDAStream {
-  cudaStream_t stream() const { return nullptr; }
   operator cudaStream_t() const { return nullptr; }
 };
 inline CUDAStream getCurrentCUDAStream() { return {}; }

@@ -5,6 +5,5 @@
 namespace c10 {
 namespace cuda {
 inline c10::DeviceIndex current_device() { return 0; }
-inline c10::DeviceIndex device_count() { return 1; }
 }  // namespace cuda
 }  // namespace c10

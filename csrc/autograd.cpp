@@ -8,11 +8,15 @@
 // The registrations are device-agnostic: the forward and backward calls
 // re-dispatch to the CPU or CUDA kernels, or to the fake kernels in
 // python/charmlp/ops.py under torch.compile.
+#include <ATen/ATen.h>
 #include <ATen/core/Reduction.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -40,6 +44,49 @@ void save_loss_options(AutogradContext* ctx, const LossOptions& o) {
 LossOptions loss_options(AutogradContext* ctx) {
   return {ctx->saved_data["reduction"].toInt(), ctx->saved_data["ignore_index"].toInt(),
           ctx->saved_data["label_smoothing"].toDouble()};
+}
+
+// Forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) would need a jvp
+// rule per op, which the C++ custom-function API cannot register; without this check
+// the tangents of the outputs would silently be missing (zeros under jacfwd).
+void check_no_forward_ad(const char* op, std::initializer_list<at::Tensor> inputs) {
+  for (const at::Tensor& t : inputs) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !t.defined() || !t._fw_grad(/*level=*/0).defined(), "charmlp: ", op,
+        " does not support forward-mode AD (jvp, jacfwd, forward_ad dual tensors); use plain "
+        "PyTorch ops (F.embedding, F.linear, torch.tanh, F.cross_entropy) for forward-mode "
+        "derivatives");
+  }
+}
+
+// dloss/dlogits of a cross-entropy as differentiable ATen ops, for a backward that builds
+// a graph (create_graph=True): the fused kernels' gradients are constants to autograd,
+// so a double backward goes through this formula instead. grad_rows [B] is each row's
+// gradient scale (grad_loss, divided by the count for a mean); ignored rows get 0.
+//   dloss/dx[b, v] = grad_rows[b] * (softmax(x[b])[v] - (1 - eps) [v == t_b] - eps / V)
+at::Tensor differentiable_grad_logits(const at::Tensor& logits, const at::Tensor& target,
+                                      const at::Tensor& grad_loss, const LossOptions& o) {
+  const int64_t V = logits.size(1);
+  const at::Tensor counted = target.ne(o.ignore_index);
+  at::Tensor grad_rows = grad_loss * counted.to(logits.scalar_type());
+  if (o.reduction == at::Reduction::Mean) {
+    grad_rows = grad_rows / std::max<int64_t>(counted.sum().item<int64_t>(), 1);
+  }
+  const at::Tensor safe_target = target.masked_fill(counted.logical_not(), 0).to(at::kLong);
+  at::Tensor target_dist =
+      at::zeros_like(logits).scatter_(1, safe_target.unsqueeze(1), 1.0 - o.label_smoothing);
+  if (o.label_smoothing != 0.0) target_dist = target_dist + o.label_smoothing / V;
+  return (at::softmax(logits, 1) - target_dist) * grad_rows.unsqueeze(1);
+}
+
+// The gradients of linear_cross_entropy (logits = input @ weight^T + bias) from the
+// formula above, differentiable: -> grad_input, grad_weight, grad_bias (undefined without bias).
+std::vector<at::Tensor> differentiable_linear_cross_entropy_grads(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& grad_loss, const LossOptions& o) {
+  const at::Tensor G = differentiable_grad_logits(at::linear(input, weight, bias), target,
+                                                  grad_loss, o);  // [B, V]
+  return {G.mm(weight), G.t().mm(input), bias ? G.sum(0) : at::Tensor()};
 }
 
 // The *_and_grads ops, called by the autograd forwards and, for a second backward, again.
@@ -79,10 +126,32 @@ struct EmbedLinearTanhFunction : public torch::autograd::Function<EmbedLinearTan
             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
             const at::Tensor&)>("charmlp::embed_linear_tanh_backward");
     const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable backward
+      auto g = differentiable_backward(grads[0], saved[3], saved[0], saved[1], saved[2]);
+      return {at::Tensor(), g[0], g[1], has_bias ? g[2] : at::Tensor()};
+    }
     auto [grad_table, grad_weight, grad_bias] =
         op.call(grads[0], saved[3], saved[0], saved[1], saved[2]);
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     return {at::Tensor(), grad_table, grad_weight, has_bias ? grad_bias : at::Tensor()};
+  }
+
+  // The backward as ATen ops, so that autograd can differentiate it (gradient penalties,
+  // gradgradcheck). With g = grad_out * (1 - out^2) [B, H] and emb = table[idx] [B, T*E]:
+  //   grad_bias = sum_b g,  grad_weight = g^T emb,  grad_table = index_add(idx, g weight).
+  // out is this node's own saved output, so a gradient flowing into it comes back
+  // through this node: the second derivative of tanh needs no rule of its own.
+  static std::vector<at::Tensor> differentiable_backward(const at::Tensor& grad_out,
+                                                         const at::Tensor& out,
+                                                         const at::Tensor& idx,
+                                                         const at::Tensor& table,
+                                                         const at::Tensor& weight) {
+    const int64_t B = idx.size(0), E = table.size(1);
+    const at::Tensor flat_idx = idx.reshape(-1).to(at::kLong);
+    const at::Tensor g = grad_out * (1 - out * out);                          // [B, H]
+    const at::Tensor emb = table.index_select(0, flat_idx).view({B, -1});      // [B, T*E]
+    const at::Tensor grad_emb = g.mm(weight).view({-1, E});                    // [B*T, E]
+    return {at::zeros_like(table).index_add(0, flat_idx, grad_emb), g.t().mm(emb), g.sum(0)};
   }
 };
 
@@ -107,8 +176,9 @@ bool is_plain_cpu_one(const at::Tensor& t) {
 // tensors it returns alias nothing autograd keeps. A second backward through a retained
 // graph finds them taken and recomputes them from the inputs saved by the forward
 // (whose version counters catch in-place changes since the forward, as for any saved
-// input). The gradients are constants to autograd, so a double backward
-// (create_graph=True) could only be wrong: it raises.
+// input). The gradients are constants to autograd, so a backward that builds a graph
+// (create_graph=True) cannot use them: the cross-entropy ops then differentiate a
+// formula of ATen ops instead, and mlp_cross_entropy raises.
 void stash_gradients(AutogradContext* ctx, std::vector<at::Tensor> grads) {
   ctx->saved_data["grads"] = c10::List<at::Tensor>(std::move(grads));
 }
@@ -156,8 +226,11 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
             "charmlp::cross_entropy_backward");
     const auto saved = ctx->get_saved_variables();
     const LossOptions o = loss_options(ctx);
-    at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], o.reduction,
-                                     o.ignore_index, o.label_smoothing);
+    at::Tensor grad_logits =
+        at::GradMode::is_enabled()  // create_graph=True
+            ? differentiable_grad_logits(saved[0], saved[1], grads[0], o)
+            : op.call(grads[0], saved[0], saved[1], saved[2], o.reduction, o.ignore_index,
+                      o.label_smoothing);
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -182,6 +255,12 @@ struct CrossEntropyGradsInForwardFunction
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the stashed gradient is a constant
+      ctx->saved_data.erase("grads");
+      const auto saved = ctx->get_saved_variables();
+      return {differentiable_grad_logits(saved[0], saved[1], grads[0], loss_options(ctx)),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     const auto g = take_scaled_gradients(
         ctx, grads[0], "cross_entropy (mean or sum)", "F.cross_entropy",
         [ctx](const variable_list& in) -> std::vector<at::Tensor> {
@@ -224,6 +303,11 @@ struct LinearCrossEntropyFunction
     const std::optional<at::Tensor> bias =
         has_bias ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     const LossOptions o = loss_options(ctx);
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      auto g = differentiable_linear_cross_entropy_grads(saved[0], saved[1], bias, saved[3],
+                                                         grads[0], o);
+      return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     auto [grad_input, grad_weight, grad_bias] =
         op.call(grads[0], saved[0], saved[1], bias, saved[3], saved[4], o.reduction,
                 o.ignore_index, o.label_smoothing);
@@ -258,6 +342,14 @@ struct LinearCrossEntropyGradsInForwardFunction
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the stashed gradients are constants
+      ctx->saved_data.erase("grads");
+      const auto in = ctx->get_saved_variables();
+      auto g = differentiable_linear_cross_entropy_grads(
+          in[0], in[1], has_bias ? std::optional<at::Tensor>(in[2]) : std::nullopt, in[3],
+          grads[0], loss_options(ctx));
+      return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     const auto g = take_scaled_gradients(
         ctx, grads[0], "linear_cross_entropy (mean or sum)", "F.linear and F.cross_entropy",
         [ctx, has_bias](const variable_list& in) -> std::vector<at::Tensor> {
@@ -304,6 +396,7 @@ struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntrop
 at::Tensor embed_linear_tanh_autograd(const at::Tensor& idx, const at::Tensor& table,
                                       const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias) {
+  check_no_forward_ad("embed_linear_tanh", {table, weight, bias.value_or(at::Tensor())});
   return EmbedLinearTanhFunction::apply(idx, table, weight, bias);
 }
 
@@ -313,6 +406,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logi
                                                           const at::Tensor& target,
                                                           int64_t reduction, int64_t ignore_index,
                                                           double label_smoothing) {
+  check_no_forward_ad("cross_entropy", {logits});
   if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op =
@@ -334,6 +428,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logi
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  check_no_forward_ad("linear_cross_entropy", {input, weight, bias.value_or(at::Tensor())});
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()));
@@ -358,6 +453,7 @@ at::Tensor mlp_cross_entropy_autograd(const at::Tensor& idx, const at::Tensor& t
                                       const at::Tensor& table, const at::Tensor& weight1,
                                       const at::Tensor& bias1, const at::Tensor& weight2,
                                       const at::Tensor& bias2) {
+  check_no_forward_ad("mlp_cross_entropy", {table, weight1, bias1, weight2, bias2});
   const bool needs_grad =
       at::GradMode::is_enabled() && (table.requires_grad() || weight1.requires_grad() ||
                                      bias1.requires_grad() || weight2.requires_grad() ||
@@ -372,9 +468,95 @@ at::Tensor mlp_cross_entropy_autograd(const at::Tensor& idx, const at::Tensor& t
   return op.call(idx, target, table, weight1, bias1, weight2, bias2);
 }
 
+// The training-step ops update the parameters in place, which autograd cannot record:
+// like PyTorch's in-place ops on a leaf that requires grad, they refuse to run while
+// grad mode is on (model.sgd_step and charmlp train call them under no_grad). Then they
+// bump the parameters' version counters, as any in-place op does, so a graph that saved
+// a parameter before the step raises at its backward instead of using the new values.
+void check_in_place_update(const char* op, at::TensorList params,
+                           std::initializer_list<const char*> names) {
+  if (!at::GradMode::is_enabled()) return;
+  auto name = names.begin();
+  for (const at::Tensor& p : params) {
+    const char* param_name = name != names.end() ? *name++ : "params";
+    TORCH_CHECK(!p.requires_grad(), "charmlp: ", op, " updates ", param_name,
+                " in place, but it requires grad and grad mode is on; call it under "
+                "torch.no_grad()");
+  }
+}
+
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) torch::autograd::impl::bump_version(t);
+}
+
+at::Tensor mlp_sgd_step_autograd(const at::Tensor& idx, const at::Tensor& target,
+                                 at::Tensor& table, at::Tensor& weight1,
+                                 at::Tensor& bias1, at::Tensor& weight2,
+                                 at::Tensor& bias2, double lr) {
+  const std::array<at::Tensor, 5> params = {table, weight1, bias1, weight2, bias2};
+  check_in_place_update("mlp_sgd_step", params,
+                        {"table", "weight1", "bias1", "weight2", "bias2"});
+  at::Tensor loss;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                          at::Tensor&, at::Tensor&, at::Tensor&, double)>("charmlp::mlp_sgd_step");
+    loss = op.call(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  }
+  bump_versions(params);
+  return loss;
+}
+
+at::Tensor mlp_sgd_steps_autograd(const at::Tensor& idx, const at::Tensor& target,
+                                  at::Tensor& table, at::Tensor& weight1,
+                                  at::Tensor& bias1, at::Tensor& weight2,
+                                  at::Tensor& bias2, c10::ArrayRef<double> lr) {
+  const std::array<at::Tensor, 5> params = {table, weight1, bias1, weight2, bias2};
+  check_in_place_update("mlp_sgd_steps", params,
+                        {"table", "weight1", "bias1", "weight2", "bias2"});
+  at::Tensor losses;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                             at::Tensor&, at::Tensor&, at::Tensor&, c10::ArrayRef<double>)>("charmlp::mlp_sgd_steps");
+    losses = op.call(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  }
+  bump_versions(params);
+  return losses;
+}
+
+at::Tensor mlp_adamw_steps_autograd(const at::Tensor& idx, const at::Tensor& target,
+                                    at::TensorList params, at::TensorList exp_avgs,
+                                    at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                                    c10::ArrayRef<double> lr, double beta1, double beta2,
+                                    double weight_decay, double eps) {
+  check_in_place_update("mlp_adamw_steps", params,
+                        {"params[0] (table)", "params[1] (weight1)", "params[2] (bias1)",
+                         "params[3] (weight2)", "params[4] (bias2)"});
+  at::Tensor losses;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<at::Tensor(
+        const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+        at::TensorList, c10::ArrayRef<double>, double, double, double, double)>(
+        "charmlp::mlp_adamw_steps");
+    losses = op.call(idx, target, params, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
+                     weight_decay, eps);
+  }
+  bump_versions(params);
+  bump_versions(exp_avgs);
+  bump_versions(exp_avg_sqs);
+  bump_versions(state_steps);
+  return losses;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
+  m.impl("mlp_sgd_step", &mlp_sgd_step_autograd);
+  m.impl("mlp_sgd_steps", &mlp_sgd_steps_autograd);
+  m.impl("mlp_adamw_steps", &mlp_adamw_steps_autograd);
   m.impl("mlp_cross_entropy", &mlp_cross_entropy_autograd);
   m.impl("embed_linear_tanh", &embed_linear_tanh_autograd);
   m.impl("cross_entropy", &cross_entropy_autograd);

@@ -41,6 +41,15 @@ void check_index_range(const at::Tensor& t, int64_t bound, const char* name,
   throw_index_out_of_range(name, flat[pos].item<int64_t>(), bound, pos);
 }
 
+// g laid out like the parameter p, as AccumulateGrad lays out a .grad: the kernels'
+// gradients are contiguous, while _fused_adamw_ walks param, grad and state (which
+// AdamW allocates with the parameter's strides) as flat arrays in one order.
+at::Tensor laid_out_like(const at::Tensor& g, const at::Tensor& p) {
+  if (g.strides() == p.strides()) return g;
+  if (!p.is_non_overlapping_and_dense()) return g.contiguous();
+  return at::empty_strided(p.sizes(), p.strides(), g.options()).copy_(g);
+}
+
 at::Tensor mlp_adamw_steps(const at::Tensor& idx, const at::Tensor& target,
                            at::TensorList params, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList state_steps,
@@ -58,7 +67,10 @@ at::Tensor mlp_adamw_steps(const at::Tensor& idx, const at::Tensor& target,
         idx[k], target[k], params[0], params[1], params[2], params[3], params[4]);
     losses.push_back(loss);
     at::_foreach_add_(state_steps, 1);
-    at::_fused_adamw_(params, {g0, g1, g2, g3, g4}, exp_avgs, exp_avg_sqs, {}, state_steps, lr[k],
+    const std::vector<at::Tensor> grads = {
+        laid_out_like(g0, params[0]), laid_out_like(g1, params[1]), laid_out_like(g2, params[2]),
+        laid_out_like(g3, params[3]), laid_out_like(g4, params[4])};
+    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, {}, state_steps, lr[k],
                       beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
   }
   return K > 0 ? at::stack(losses) : at::empty({0}, params[0].options());

@@ -123,14 +123,17 @@ bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_
   for (int64_t u = 0; u < U; ++u) {
     std::copy_n(idx + first_row[u] * Tn, Tn, ctx.idx.data() + u * Tn);
   }
-  ctx.rows.assign(static_cast<size_t>(U), T(0));
-  ctx.targets.assign(static_cast<size_t>(U * V), T(0));
+  // Counted in integers, converted once: a float32 `+= 1` stops counting at 2^24 (one
+  // context repeated 2^25 times would weigh half as much as it should).
+  std::vector<int64_t> rows(static_cast<size_t>(U), 0), targets(static_cast<size_t>(U * V), 0);
   for (int64_t b = 0; b < B; ++b) {
     if (target[b] == kIgnoreIndex) continue;
     const int64_t u = row_context[static_cast<size_t>(b)];
-    ctx.rows[u] += T(1);
-    ctx.targets[u * V + target[b]] += T(1);
+    ++rows[u];
+    ++targets[u * V + target[b]];
   }
+  ctx.rows.assign(rows.begin(), rows.end());
+  ctx.targets.assign(targets.begin(), targets.end());
   return true;
 }
 

@@ -47,6 +47,14 @@ def _whole_model_kernels(device_type: str, dtype: torch.dtype) -> bool:
     return _WHOLE_MODEL_KERNELS[key]
 
 
+def _laid_out_like(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad`` with the strides ``AccumulateGrad`` gives a ``.grad``: the parameter's own
+    when it is dense (``empty_like`` keeps exactly those), contiguous otherwise. Fused and
+    foreach optimizers walk ``param``, ``.grad`` and their state as flat arrays in one order."""
+    like = torch.empty_like(param)
+    return like.copy_(grad) if like.stride() == param.stride() else grad.contiguous()
+
+
 class MLPLanguageModel(nn.Module):
     """Character-level MLP language model.
 
@@ -198,7 +206,7 @@ class MLPLanguageModel(nn.Module):
             with torch.no_grad():
                 loss, *grads = _mlp_cross_entropy_and_grads(idx, targets, *params)
             for p, g in zip(params, grads):
-                p.grad = g
+                p.grad = g if g.stride() == p.stride() else _laid_out_like(g, p)
             return loss
         for p in params:
             p.grad = None

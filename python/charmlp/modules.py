@@ -34,6 +34,9 @@ class EmbedLinearTanh(nn.Module):
     Parameters: ``table`` ``[num_embeddings, embedding_dim]``, ``weight``
     ``[hidden, context * embedding_dim]``, ``bias`` ``[hidden]`` (or None). They are
     initialized as ``nn.Embedding`` (N(0, 1)) and ``nn.Linear`` (Kaiming-uniform) are.
+
+    ``padding_idx`` is ``nn.Embedding``'s: that row of ``table`` starts at zero and gets
+    no gradient (its value still enters the layer, as in ``nn.Embedding``).
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class EmbedLinearTanh(nn.Module):
         context: int,
         hidden: int,
         bias: bool = True,
+        padding_idx: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -55,6 +59,14 @@ class EmbedLinearTanh(nn.Module):
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EmbedLinearTanh: {name} must be a positive int, got {value!r}")
+        if padding_idx is not None:
+            if not isinstance(padding_idx, int) or not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(
+                    f"EmbedLinearTanh: padding_idx must be an int in [-{num_embeddings}, {num_embeddings}), "
+                    f"got {padding_idx!r}"
+                )
+            padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
         factory = {"device": device, "dtype": dtype}
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -70,6 +82,9 @@ class EmbedLinearTanh(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.table)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.table[self.padding_idx].fill_(0)
         _init_like_linear(self.weight, self.bias)
 
     @classmethod
@@ -77,14 +92,25 @@ class EmbedLinearTanh(nn.Module):
         """Builds the fused layer from an ``nn.Embedding`` and the ``nn.Linear`` after it.
 
         The parameters are copied, so the new layer computes exactly
-        ``tanh(linear(embedding(idx).flatten(1)))`` and trains independently.
+        ``tanh(linear(embedding(idx).flatten(1)))`` and trains independently, with the
+        same gradients: ``padding_idx`` is kept (that row gets no gradient). Options the
+        fused kernel does not implement raise: ``max_norm`` (with its ``norm_type``),
+        ``scale_grad_by_freq`` and ``sparse``.
         """
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"from_modules: embedding must be an nn.Embedding, got {type(embedding).__name__}")
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_modules: linear must be an nn.Linear, got {type(linear).__name__}")
-        if embedding.max_norm is not None or embedding.sparse:
-            raise ValueError("from_modules: nn.Embedding with max_norm or sparse=True is not supported")
+        for option, value, default in (
+            ("max_norm", embedding.max_norm, None),
+            ("scale_grad_by_freq", embedding.scale_grad_by_freq, False),
+            ("sparse", embedding.sparse, False),
+        ):
+            if value != default:
+                raise ValueError(
+                    f"from_modules: nn.Embedding with {option}={value!r} is not supported "
+                    f"(the fused layer would ignore it); use {option}={default!r} or the plain modules"
+                )
         E = embedding.embedding_dim
         if linear.in_features % E != 0:
             raise ValueError(
@@ -103,6 +129,7 @@ class EmbedLinearTanh(nn.Module):
             linear.in_features // E,
             linear.out_features,
             bias=linear.bias is not None,
+            padding_idx=embedding.padding_idx,
             device=table.device,
             dtype=table.dtype,
         )
@@ -114,12 +141,18 @@ class EmbedLinearTanh(nn.Module):
         return layer
 
     def forward(self, idx: Tensor) -> Tensor:
-        return ops.embed_linear_tanh(idx, self.table, self.weight, self.bias)
+        table = self.table
+        if self.padding_idx is not None:
+            # The padding row detached: the same values, no gradient (nn.Embedding's rule).
+            p = self.padding_idx
+            table = torch.cat((table[:p], table[p : p + 1].detach(), table[p + 1 :]))
+        return ops.embed_linear_tanh(idx, table, self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        padding = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return (
             f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
-            f"context={self.context}, hidden={self.hidden}, bias={self.bias is not None}"
+            f"context={self.context}, hidden={self.hidden}, bias={self.bias is not None}{padding}"
         )
 
 

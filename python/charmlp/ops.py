@@ -94,7 +94,8 @@ def embed_linear_tanh(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor |
     Returns:
         ``[B, H]``. The ``[B, T*E]`` embedding is never materialized; the backward is one
         fused kernel returning the gradients of table (repeated indices accumulate),
-        weight and bias.
+        weight and bias. With ``create_graph=True`` the backward runs as ATen ops, so
+        gradient penalties and double backward are exact; forward-mode AD raises.
     """
     return torch.ops.charmlp.embed_linear_tanh.default(idx, table, weight, bias)
 
@@ -134,9 +135,10 @@ def cross_entropy(
     is ``ignore_index`` contribute nothing and are left out of the mean's denominator
     (an all-ignored batch gives nan under ``'mean'``), and label smoothing. The softmax
     is never stored: with ``'mean'`` or ``'sum'`` and a gradient to compute, the forward
-    computes the gradient from the same exps as the loss and the backward only scales it
-    (a double backward then raises); with ``'none'`` the forward saves the per-row
-    log-sum-exp and the backward is one pass.
+    computes the gradient from the same exps as the loss and the backward only scales it;
+    with ``'none'`` the forward saves the per-row log-sum-exp and the backward is one pass.
+    A backward with ``create_graph=True`` is differentiable (double backward is exact);
+    forward-mode AD raises ``NotImplementedError``.
     """
     loss, _lse = torch.ops.charmlp.cross_entropy.default(
         logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
@@ -193,9 +195,10 @@ def linear_cross_entropy(
 
     Logits are never stored. With ``'mean'`` or ``'sum'`` and a gradient to compute, the
     forward computes the gradients of input, weight and bias in the same pass (one GEMM
-    fewer than a backward that recomputes the logits) and the backward only scales them;
-    a double backward (``create_graph=True``) then raises. With ``'none'`` the forward keeps
-    the per-row log-sum-exp and the backward recomputes each chunk of logits.
+    fewer than a backward that recomputes the logits) and the backward only scales them.
+    With ``'none'`` the forward keeps the per-row log-sum-exp and the backward recomputes
+    each chunk of logits. A backward with ``create_graph=True`` is differentiable (double
+    backward is exact); forward-mode AD raises ``NotImplementedError``.
     """
     loss, _lse = torch.ops.charmlp.linear_cross_entropy.default(
         input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)

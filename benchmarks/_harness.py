@@ -545,6 +545,31 @@ class CharmlpArm(Arm):
         return self.m.sgd_step(idx, y, self.lr)
 
 
+class CharmlpLoopArm(CharmlpArm):
+    name = "charmlp-loop"
+    label = "charmlp model(x, y) + optim.SGD"
+    description = (
+        "The loop users write, with `charmlp.MLPLanguageModel(fused=True)` swapped in: forward "
+        "`logits, loss = m(idx, targets)` (one `mlp_logits_cross_entropy` op: logits, loss and, under grad, the "
+        "five parameter gradients), backward `loss.backward()`, step `opt.zero_grad()`, forward, backward, "
+        "`opt.step()` with `torch.optim.SGD(lr)`."
+    )
+
+    def setup(self, params, size, idx, y, lr):
+        super().setup(params, size, idx, y, lr)
+        self.opt = torch.optim.SGD(self.m.parameters(), lr=lr)
+
+    def forward(self, idx, y):
+        return self.m(idx, y)[1]
+
+    def train_step(self, idx, y):
+        logits, loss = self.m(idx, y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss
+
+
 class CharmlpGraphArm(CharmlpArm):
     name = "charmlp-graph"
     label = "charmlp CUDA graph"
@@ -635,12 +660,13 @@ ARMS: dict[str, Callable[[], Arm]] = {
     "seed": SeedArm,
     "functional": FunctionalArm,
     "compile": CompileArm,
+    "charmlp-loop": CharmlpLoopArm,
     "charmlp": CharmlpArm,
     "compile-ro": CompileReduceOverheadArm,
     "charmlp-graph": CharmlpGraphArm,
     "compile-traced": CompileTracedArm,
 }
-DEFAULT_ARMS = ["seed", "functional", "compile", "charmlp", "compile-ro", "charmlp-graph"]
+DEFAULT_ARMS = ["seed", "functional", "compile", "charmlp-loop", "charmlp", "compile-ro", "charmlp-graph"]
 REFERENCE_ARM = "seed"
 
 

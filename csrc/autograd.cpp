@@ -393,6 +393,88 @@ struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntrop
   }
 };
 
+// mlp_logits_cross_entropy: the model's forward with targets, (logits, loss). As
+// mlp_cross_entropy, the forward computes the loss's five gradients and stashes them. The
+// logits are an output too: when the caller's graph sends them a gradient G [B, V] (an
+// extra loss term, distillation, logit regularization), the backward adds what G
+// contributes, through the output layer and then the first layer:
+//   dW2 += G^T h,  db2 += sum_b G,  dh = G W2,  (dtable, dW1, db1) += embed_linear_tanh'
+// with h recomputed by embed_linear_tanh (saving h [B, H] would cost every step memory
+// and a write for a case most steps never see). With no gradient into the logits
+// (materialize_grads off: grads[0] is undefined) it is the plain hand-over.
+struct MlpLogitsCrossEntropyFunction
+    : public torch::autograd::Function<MlpLogitsCrossEntropyFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& idx,
+                               const at::Tensor& target, const at::Tensor& table,
+                               const at::Tensor& weight1, const at::Tensor& bias1,
+                               const at::Tensor& weight2, const at::Tensor& bias2) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                          at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+        "charmlp::mlp_logits_cross_entropy_and_grads");
+    auto [logits, loss, g_table, g_w1, g_b1, g_w2, g_b2] =
+        op.call(idx, target, table, weight1, bias1, weight2, bias2);
+    stash_gradients(ctx, {g_table, g_w1, g_b1, g_w2, g_b2});
+    ctx->save_for_backward({idx, target, table, weight1, bias1, weight2, bias2});
+    ctx->set_materialize_grads(false);
+    return {logits, loss};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& grad_logits = grads[0];
+    const at::Tensor& grad_loss = grads[1];
+    const auto saved = ctx->get_saved_variables();
+    std::vector<at::Tensor> g;
+    if (grad_loss.defined()) {
+      g = take_scaled_gradients(
+          ctx, grad_loss, "the model's forward (mlp_logits_cross_entropy)",
+          "plain PyTorch ops (MLPLanguageModel(fused=False))",
+          [](const variable_list& in) -> std::vector<at::Tensor> {
+            auto [loss, g0, g1, g2, g3, g4] = mlp_cross_entropy_and_grads_op().call(
+                in[0], in[1], in[2], in[3], in[4], in[5], in[6]);
+            return {g0, g1, g2, g3, g4};
+          });
+    } else {
+      TORCH_CHECK(!at::GradMode::is_enabled(), "charmlp: the model's forward "
+                  "(mlp_logits_cross_entropy) does not support double backward "
+                  "(create_graph=True); use plain PyTorch ops (MLPLanguageModel(fused=False))");
+      ctx->saved_data.erase("grads");
+    }
+    if (grad_logits.defined()) {
+      add_logits_gradient(grad_logits, saved, g);
+    }
+    if (g.empty()) return variable_list(7);
+    return {at::Tensor(), at::Tensor(), g[0], g[1], g[2], g[3], g[4]};
+  }
+
+  // g (the five gradients, or empty) += what grad_logits [B, V] contributes.
+  static void add_logits_gradient(const at::Tensor& grad_logits, const variable_list& in,
+                                  std::vector<at::Tensor>& g) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto forward = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const std::optional<at::Tensor>&)>(
+        "charmlp::embed_linear_tanh");
+    static auto backward =
+        op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+            const at::Tensor&)>("charmlp::embed_linear_tanh_backward");
+    const at::Tensor &idx = in[0], &table = in[2], &weight1 = in[3], &bias1 = in[4],
+                     &weight2 = in[5];
+    const at::Tensor G = grad_logits.to(weight2.scalar_type());
+    const at::Tensor h = forward.call(idx, table, weight1, bias1);     // [B, H]
+    const at::Tensor dW2 = G.t().mm(h), db2 = G.sum(0), dh = G.mm(weight2);
+    auto [dtable, dW1, db1] = backward.call(dh, h, idx, table, weight1);
+    if (g.empty()) {
+      g = {dtable, dW1, db1, dW2, db2};
+      return;
+    }
+    const std::array<at::Tensor, 5> extra = {dtable, dW1, db1, dW2, db2};
+    for (size_t i = 0; i < extra.size(); ++i) g[i].add_(extra[i]);
+  }
+};
+
 at::Tensor embed_linear_tanh_autograd(const at::Tensor& idx, const at::Tensor& table,
                                       const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias) {
@@ -445,6 +527,27 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
                  : LinearCrossEntropyGradsInForwardFunction::apply(
                        input, weight, bias, target, reduction, ignore_index, label_smoothing);
   return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> mlp_logits_cross_entropy_autograd(
+    const at::Tensor& idx, const at::Tensor& target, const at::Tensor& table,
+    const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2,
+    const at::Tensor& bias2) {
+  check_no_forward_ad("mlp_logits_cross_entropy", {table, weight1, bias1, weight2, bias2});
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (table.requires_grad() || weight1.requires_grad() ||
+                                     bias1.requires_grad() || weight2.requires_grad() ||
+                                     bias2.requires_grad());
+  if (needs_grad) {
+    auto out =
+        MlpLogitsCrossEntropyFunction::apply(idx, target, table, weight1, bias1, weight2, bias2);
+    return {out[0], out[1]};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&)>("charmlp::mlp_logits_cross_entropy");
+  return op.call(idx, target, table, weight1, bias1, weight2, bias2);
 }
 
 // Without a gradient to compute (no_grad, or no parameter requiring grad) the
@@ -526,38 +629,13 @@ at::Tensor mlp_sgd_steps_autograd(const at::Tensor& idx, const at::Tensor& targe
   return losses;
 }
 
-at::Tensor mlp_adamw_steps_autograd(const at::Tensor& idx, const at::Tensor& target,
-                                    at::TensorList params, at::TensorList exp_avgs,
-                                    at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                                    c10::ArrayRef<double> lr, double beta1, double beta2,
-                                    double weight_decay, double eps) {
-  check_in_place_update("mlp_adamw_steps", params,
-                        {"params[0] (table)", "params[1] (weight1)", "params[2] (bias1)",
-                         "params[3] (weight2)", "params[4] (bias2)"});
-  at::Tensor losses;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<at::Tensor(
-        const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
-        at::TensorList, c10::ArrayRef<double>, double, double, double, double)>(
-        "charmlp::mlp_adamw_steps");
-    losses = op.call(idx, target, params, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
-                     weight_decay, eps);
-  }
-  bump_versions(params);
-  bump_versions(exp_avgs);
-  bump_versions(exp_avg_sqs);
-  bump_versions(state_steps);
-  return losses;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(charmlp, Autograd, m) {
   m.impl("mlp_sgd_step", &mlp_sgd_step_autograd);
   m.impl("mlp_sgd_steps", &mlp_sgd_steps_autograd);
-  m.impl("mlp_adamw_steps", &mlp_adamw_steps_autograd);
   m.impl("mlp_cross_entropy", &mlp_cross_entropy_autograd);
+  m.impl("mlp_logits_cross_entropy", &mlp_logits_cross_entropy_autograd);
   m.impl("embed_linear_tanh", &embed_linear_tanh_autograd);
   m.impl("cross_entropy", &cross_entropy_autograd);
   m.impl("linear_cross_entropy", &linear_cross_entropy_autograd);

@@ -242,48 +242,6 @@ inline void check_mlp_sgd_steps_args(const at::Tensor& idx, const at::Tensor& ta
                  weight1, bias1, weight2, bias2);
 }
 
-// mlp_adamw_steps: as mlp_sgd_steps for idx, target, the five parameters (table,
-// weight1, bias1, weight2, bias2) and lr; AdamW's state per parameter (exp_avg and
-// exp_avg_sq like it, a one-element step count); torch.optim.AdamW's ranges for the
-// hyper-parameters.
-inline void check_mlp_adamw_steps_args(const at::Tensor& idx, const at::Tensor& target,
-                                       at::TensorList params, at::TensorList exp_avgs,
-                                       at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                                       c10::ArrayRef<double> lr, double beta1, double beta2,
-                                       double weight_decay, double eps) {
-  const std::pair<at::TensorList, const char*> lists[] = {
-      {params, "params"}, {exp_avgs, "exp_avgs"}, {exp_avg_sqs, "exp_avg_sqs"},
-      {state_steps, "state_steps"}};
-  for (const auto& [list, name] : lists) {
-    TORCH_CHECK_VALUE(list.size() == 5, "charmlp: ", name,
-                      " must hold 5 tensors (table, weight1, bias1, weight2, bias2), got ",
-                      list.size());
-  }
-  check_mlp_sgd_steps_args(idx, target, params[0], params[1], params[2], params[3], params[4],
-                           lr);
-  const char* names[] = {"table", "weight1", "bias1", "weight2", "bias2"};
-  for (size_t i = 0; i < 5; ++i) {
-    for (const auto& [list, name] : {lists[1], lists[2]}) {
-      const at::Tensor& s = list[i];
-      TORCH_CHECK_VALUE(s.sizes() == params[i].sizes(), "charmlp: ", name, "[", i,
-                        "] must have the shape of ", names[i], " ", shape_str(params[i]),
-                        ", got ", shape_str(s));
-      check_same_dtype(params[i], names[i], s, name);
-      check_same_device(params[i], names[i], s, name);
-    }
-    TORCH_CHECK_VALUE(state_steps[i].numel() == 1, "charmlp: state_steps[", i,
-                      "] must hold one step count, got shape ", shape_str(state_steps[i]));
-    // (the fused AdamW kernel keeps its step counts on the parameters' device)
-    check_same_device(params[i], names[i], state_steps[i], "state_steps");
-  }
-  TORCH_CHECK_VALUE(0.0 <= beta1 && beta1 < 1.0, "charmlp: beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(0.0 <= beta2 && beta2 < 1.0, "charmlp: beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(0.0 <= weight_decay && std::isfinite(weight_decay),
-                    "charmlp: weight_decay must be finite and >= 0, got ", weight_decay);
-  TORCH_CHECK_VALUE(0.0 <= eps && std::isfinite(eps), "charmlp: eps must be finite and >= 0, got ",
-                    eps);
-}
-
 // The message for an index outside [0, bound): shared so CPU and CUDA say the same thing.
 [[noreturn]] inline void throw_index_out_of_range(const char* name, int64_t value, int64_t bound,
                                                   int64_t position) {

@@ -1,5 +1,5 @@
 // Typed dispatcher handles of charmlp ops, for C++ code that calls other charmlp ops
-// through the dispatcher (the autograd registrations, the composite mlp_adamw_steps):
+// through the dispatcher (the autograd registrations):
 // the call then reaches the CPU or CUDA kernel, or the fake kernel under torch.compile.
 #pragma once
 

@@ -74,6 +74,19 @@ TORCH_LIBRARY(charmlp, m) {
       "Tensor bias1, Tensor weight2, Tensor bias2) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor)");
 
+  // The model's forward with targets: the logits [B, V] and the same mean loss, in one
+  // pass. Differentiable: its autograd forward calls mlp_logits_cross_entropy_and_grads,
+  // and its backward adds what a gradient of the logits contributes.
+  // -> logits [B, V], loss []
+  m.def(
+      "mlp_logits_cross_entropy(Tensor idx, Tensor target, Tensor table, Tensor weight1, "
+      "Tensor bias1, Tensor weight2, Tensor bias2) -> (Tensor, Tensor)");
+  // -> logits, loss, grad_table, grad_weight1, grad_bias1, grad_weight2, grad_bias2
+  m.def(
+      "mlp_logits_cross_entropy_and_grads(Tensor idx, Tensor target, Tensor table, "
+      "Tensor weight1, Tensor bias1, Tensor weight2, Tensor bias2) -> (Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
+
   // One plain-SGD training step of the whole model (mean cross-entropy), fused:
   // forward, backward and p -= lr * grad for all five parameters in place.
   // idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H],
@@ -89,13 +102,4 @@ TORCH_LIBRARY(charmlp, m) {
   m.def(
       "mlp_sgd_steps(Tensor idx, Tensor target, Tensor(a!) table, Tensor(b!) weight1, "
       "Tensor(c!) bias1, Tensor(d!) weight2, Tensor(e!) bias2, float[] lr) -> Tensor");
-  // K AdamW steps (torch.optim.AdamW's update, fused=True) in one call: step k is
-  // mlp_cross_entropy_and_grads(idx[k], target[k], *params), state_steps += 1, then
-  // _fused_adamw_ with lr[k] on the optimizer's state. A composite of those ops
-  // (csrc/mlp_adamw_steps.cpp). params, exp_avgs, exp_avg_sqs, state_steps: 5 each,
-  // in the order table, weight1, bias1, weight2, bias2. -> losses [K]
-  m.def(
-      "mlp_adamw_steps(Tensor idx, Tensor target, Tensor(a!)[] params, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] state_steps, float[] lr, float beta1, float beta2, "
-      "float weight_decay, float eps) -> Tensor");
 }

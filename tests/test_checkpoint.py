@@ -283,3 +283,46 @@ def test_atomic_write_cleans_up_on_interrupt(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
     atomic_write(path, lambda f: f.write(b"new"))
     assert path.read_text() == "new" and os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_a_dead_writers_temp_file_is_removed_on_the_next_write(good_run, tmp_path):
+    """A SIGKILL in the middle of a checkpoint write leaves .checkpoint.pt.tmp-PID (as large
+    as the checkpoint) behind: the next write of that file removes it, unless its writer
+    may still be alive."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / CHECKPOINT_NAME
+    path.write_bytes(_copy(good_run, tmp_path))
+    state = load_checkpoint(path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        stale = run / f".{CHECKPOINT_NAME}.tmp-{gone.pid}"
+        busy = run / f".{CHECKPOINT_NAME}.tmp-{live.pid}"
+        other = run / f".config.json.tmp-{gone.pid}"  # another file's: its own next write
+        for p in (stale, busy, other):
+            p.write_bytes(b"\0" * 100_000)
+        save_checkpoint(path, {**state, "step": 101})
+        assert not stale.exists() and busy.exists() and other.exists()
+        assert load_checkpoint(path)["step"] == 101
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_json_files_are_strict_json(tmp_path):
+    import json
+    import math
+
+    from charmlp.checkpoint import atomic_write_json
+
+    atomic_write_json(tmp_path / "r.json", {"loss": math.inf, "x": [math.nan, 1.5], "n": None})
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    data = json.loads(text)
+    assert data == {"loss": "inf", "x": ["nan", 1.5], "n": None}
+    assert float(data["loss"]) == math.inf

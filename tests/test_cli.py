@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -187,3 +188,155 @@ def test_train_on_names_txt_reports_its_size(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"{NAMES_TXT}: 32,033 words" in text
     assert "182,625 / 22,655 / 22,866" in text
+
+
+# --------------------------------------------------------------------------- never silently wrong
+
+
+def _one_line_error(capsys, *fragments) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("charmlp ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def _strict_json(text: str):
+    """json.loads that refuses Python's non-standard NaN/Infinity."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverging_run_is_a_clear_error_and_leaves_a_consistent_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "200", "--lr", "1000", "--out", str(run)]) == 2
+    err = _one_line_error(capsys, "training diverged at step ", "lower --lr")
+    step = int(err.split("diverged at step ")[1].split()[0].replace(",", ""))
+    assert step < 64  # (the first chunk's minibatch losses say so, step by step)
+    from charmlp.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run)  # a valid checkpoint of the diverged state...
+    assert ckpt["diverged"]["step"] == step
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + ckpt["step"]  # ...and the metrics logged up to it
+    results = _strict_json((run / "results.json").read_text())
+    assert results["diverged"]["step"] == step and results["steps"] == ckpt["step"]
+    assert json.loads((run / "config.json").read_text())["train_config"]["lr"] == 1000
+    # eval reports it (a perplexity that overflows is inf, not an OverflowError)
+    assert main(["eval", str(run)]) == 0
+    assert "inf" in capsys.readouterr().out
+    assert main(["eval", str(run), "--json"]) == 0
+    data = _strict_json(capsys.readouterr().out)
+    assert float(data["losses"]["dev"]["perplexity"]) == float("inf")
+    assert main(["plot", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    _one_line_error(capsys, "diverged", "lower --lr")
+
+
+def test_a_divergence_after_a_checkpoint_keeps_the_last_good_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    # 100 good steps at 0.1, a checkpoint, then --lr-final 1e4 from step 100 on
+    assert main(["train", *SMALL, "--steps", "200", "--lr", "0.1", "--lr-final", "10000",
+                 "--checkpoint-every", "100", "--out", str(run)]) == 2
+    err = _one_line_error(capsys, "training diverged at step 1", "kept as")
+    from charmlp.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "checkpoint-step100.pt")["step"] == 100
+    assert "diverged" not in load_checkpoint(run / "checkpoint-step100.pt")
+    assert str(run / "checkpoint-step100.pt") in err
+    assert main(["eval", str(run / "checkpoint-step100.pt")]) == 0
+
+
+def test_out_under_a_file_or_a_file_is_a_one_line_error(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    assert main(["train", *SMALL, "--steps", "10", "--out", str(a_file / "run")]) == 2
+    _one_line_error(capsys, f"cannot write {a_file / 'run'}", "which is a file")
+    assert main(["train", *SMALL, "--steps", "10", "--out", str(a_file)]) == 2
+    _one_line_error(capsys, f"cannot write {a_file}", "is a file")
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_read_only_run_dir_is_a_one_line_error(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("permissions do not apply (running as root?)")
+        assert main(["train", *SMALL, "--steps", "10", "--out", str(ro / "run")]) == 2
+        _one_line_error(capsys, f"cannot write {ro / 'run'}", "Permission denied")
+        assert main(["train", *SMALL, "--steps", "10", "--out", str(ro)]) == 2
+        _one_line_error(capsys, f"cannot write {ro / '.lock'}", "Permission denied")
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics"])
+def test_a_full_disk_is_a_one_line_error(tmp_path, capsys, monkeypatch, where):
+    """(Root ignores permissions, and a full disk cannot be made here: the write fails as
+    a full disk would, through the same code path.)"""
+    import errno
+
+    import charmlp.checkpoint as ckpt_mod
+    import charmlp.train as train_mod
+
+    def disk_full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "checkpoint":
+        monkeypatch.setattr(ckpt_mod.torch, "save", disk_full)
+    else:
+        monkeypatch.setattr(train_mod._RunFiles, "log_steps", disk_full)
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "100", "--checkpoint-every", "50", "--out", str(run)]) == 2
+    _one_line_error(capsys, f"cannot write {run}", "No space left on device")
+    assert not list(run.glob(".*.tmp-*"))  # (the failed write cleaned up after itself)
+
+
+@pytest.mark.parametrize("cmd", [["train", "--steps", "10"], ["lr-find", "--num", "10"]])
+def test_seeds_must_fit_in_64_bits(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*cmd, "--seed", str(2**63)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seed: expected an integer below 2**63" in err and "Traceback" not in err
+
+
+def test_the_largest_seed_works(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", str(run_dir), "--seed", str(2**64)])
+    assert exc.value.code == 2 and "below 2**63" in capsys.readouterr().err
+    assert main(["sample", str(run_dir), "-n", "2", "--seed", str(2**63 - 1)]) == 0
+    assert main(["train", *SMALL, "--steps", "10", "--seed", str(2**63 - 1),
+                 "--out", str(tmp_path / "run")]) == 0
+
+
+@pytest.mark.parametrize("content, message", [("", "is empty"), ("step,lr,loss\n", "no steps logged")])
+def test_plot_of_empty_metrics_is_a_one_line_error(run_dir, tmp_path, capsys, content, message):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "metrics.csv").write_text(content)
+    assert main(["plot", str(run)]) == 2
+    _one_line_error(capsys, f"{run / 'metrics.csv'}: {message}")
+
+
+def test_plot_does_not_create_a_mistyped_run_dir(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "no-such-run")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "no-such-run").exists()
+
+
+def test_sample_of_non_finite_parameters_is_a_one_line_error(run_dir, tmp_path, capsys):
+    from charmlp.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    state = load_checkpoint(run)
+    state["model"]["state_dict"]["embed.table"][0, 0] = float("nan")
+    save_checkpoint(run / "checkpoint.pt", state)
+    assert main(["sample", str(run)]) == 2
+    _one_line_error(capsys, "parameters are not finite")

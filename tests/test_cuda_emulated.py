@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import charmlp  # noqa: F401  (registers torch.ops.charmlp)
 from charmlp import ops
@@ -109,10 +110,7 @@ def _close(actual, expected, dtype, what=""):
 def test_every_cuda_op_is_emulated():
     """Each op with a CUDA kernel in the real build has one here, and running one really
     launches emulated kernels (the counters move)."""
-    composite = {"mlp_adamw_steps"}  # CompositeExplicitAutograd: no CUDA kernel of its own
     for op in ops.op_names():
-        if op in composite:
-            continue
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp_cuda_emu::{op}", "CPU"), op
     launches, threads = EMU._emu_counters()
     EMU.embed_linear_tanh(torch.zeros(2, 3, dtype=torch.long), torch.randn(5, 4), torch.randn(6, 12), None)
@@ -418,6 +416,25 @@ def test_mlp_cross_entropy_and_grads(shape, dtype, mode):
         _close(a, e, dtype, name)
 
 
+@pytest.mark.parametrize("shape", STEP_SHAPES + [(0, 3, 27, 10, 16)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_mlp_logits_cross_entropy_and_grads(shape, dtype, mode):
+    """The model's forward with targets: logits against the CPU layer ops' h @ W2^T + b2,
+    loss and gradients against the whole-model op."""
+    idx, target, params = _model(*shape, dtype)
+    want = _cpu_loss_and_grads(idx, target, params)
+    h = CPU.embed_linear_tanh(idx, params[0], params[1], params[2])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want_logits = F.linear(h.to(acc), params[3].to(acc), params[4].to(acc)).to(dtype)
+    logits, loss = EMU.mlp_logits_cross_entropy(idx, target, *params)
+    _close(logits, want_logits, dtype, "logits")
+    _close(loss, want[0], dtype, "loss")
+    got = EMU.mlp_logits_cross_entropy_and_grads(idx, target, *params)
+    _close(got[0], want_logits, dtype, "logits (and_grads)")
+    for name, a, e in zip(["loss", "table", "weight1", "bias1", "weight2", "bias2"], got[1:], want):
+        _close(a, e, dtype, name)
+
+
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_mlp_sgd_step(shape, dtype, mode):
@@ -557,6 +574,9 @@ def test_bad_indices_raise_the_cpu_message(bad):
     for i, t in [(bad_idx, target), (idx, bad_target)]:
         _same_error(lambda: EMU.mlp_cross_entropy(i, t, *params), lambda: CPU.mlp_cross_entropy(i, t, *params))
         _same_error(lambda: EMU.mlp_cross_entropy_and_grads(i, t, *params), lambda: CPU.mlp_cross_entropy_and_grads(i, t, *params))
+        _same_error(lambda: EMU.mlp_logits_cross_entropy(i, t, *params), lambda: CPU.mlp_logits_cross_entropy(i, t, *params))
+        _same_error(lambda: EMU.mlp_logits_cross_entropy_and_grads(i, t, *params),
+                    lambda: CPU.mlp_logits_cross_entropy_and_grads(i, t, *params))
 
 
 @pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])

@@ -520,76 +520,6 @@ def test_cuda_graph_k_steps():
 
 
 # ----------------------------------------------------------------------------------------
-# mlp_adamw_steps (K AdamW steps: the gradient op and torch's fused AdamW, per step)
-# ----------------------------------------------------------------------------------------
-
-
-def _adamw_model_and_optimizer(seed=0, H=200):
-    torch.manual_seed(seed)
-    model = charmlp.MLPLanguageModel(27, 3, 10, H, fused=True, device=DEV)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
-    return model, opt
-
-
-@pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
-def test_mlp_adamw_steps_equal_the_optimizer_loop(B):
-    """One call == forward_backward + AdamW(fused=True).step() per step, bitwise (losses,
-    parameters, exp_avg, exp_avg_sq, step), from an optimizer state made by a first step.
-    Deterministic mode: the general path's table gradient would otherwise use atomics."""
-    from charmlp.train import DirectFusedAdamW
-
-    K, V, T = 4, 27, 3
-    idx, target = _steps_batch(K + 1, B, T, V, seed=9)
-    lrs = [1e-3, 2e-3, 5e-4, 1e-3]
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for chunked in (False, True):
-            model, opt = _adamw_model_and_optimizer()
-            model.forward_backward(idx[0], target[0])
-            opt.step()  # creates the state
-            if chunked:
-                losses = DirectFusedAdamW(opt).steps(model, idx[1:], target[1:], lrs)
-            else:
-                losses = []
-                for k, lr in enumerate(lrs):
-                    opt.param_groups[0]["lr"] = lr
-                    losses.append(float(model.forward_backward(idx[k + 1], target[k + 1])))
-                    opt.step()
-            state = [opt.state[p][key] for p in model.parameters() for key in ("exp_avg", "exp_avg_sq", "step")]
-            runs.append((torch.tensor(losses), [p.detach().clone() for p in model.parameters()], state))
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-    (l0, p0, s0), (l1, p1, s1) = runs
-    assert torch.equal(l0.isnan(), l1.isnan()) and torch.equal(l0.nan_to_num(), l1.nan_to_num())
-    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
-    assert all(torch.equal(a, b) for a, b in zip(s0, s1))
-
-
-def test_mlp_adamw_steps_bad_index_changes_nothing():
-    """A bad target in the last step raises at its flat position before any step: the
-    parameters and the optimizer state are unchanged."""
-    K, B, V, T = 3, 32, 27, 3
-    model, opt = _adamw_model_and_optimizer()
-    idx, target = _steps_batch(K + 1, B, T, V, seed=10)
-    model.forward_backward(idx[0], target[0])
-    opt.step()
-    params = list(model._step_parameters())
-    st = [opt.state[p] for p in params]
-    lists = ([p.detach() for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-             [s["step"] for s in st])
-    before = [t.clone() for group in lists for t in group]
-    target[K, 7] = V
-    with pytest.raises(IndexError, match=rf"charmlp: target contains {V} at flat position {(K - 1) * B + 7},"):
-        with torch.no_grad():
-            ops.mlp_adamw_steps(idx[1:], target[1:], *lists, 1e-3)
-    after = [t for group in lists for t in group]
-    assert all(torch.equal(a, b) for a, b in zip(after, before))
-
-
-# ----------------------------------------------------------------------------------------
 # mlp_cross_entropy (the whole model's loss; its forward computes the gradients)
 # ----------------------------------------------------------------------------------------
 
@@ -668,6 +598,31 @@ def test_model_fused_matches_unfused_on_cuda():
         _close(lf, lp, torch.float32, "sgd loss")
     for (n, a), b in zip(fused.named_parameters(), plain.parameters()):
         _close(a, b, torch.float32, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("B", [32, 300])
+def test_idiomatic_loop_on_cuda(dtype, B):
+    """logits, loss = model(x, y) (mlp_logits_cross_entropy) with an extra loss on the
+    logits: the logits, the loss and every gradient as plain PyTorch's."""
+    torch.manual_seed(0)
+    fused = charmlp.MLPLanguageModel(27, 3, 10, 200, fused=True, device=DEV, dtype=dtype)
+    plain = charmlp.MLPLanguageModel(27, 3, 10, 200, fused=False, device=DEV, dtype=dtype)
+    plain.load_state_dict(fused.state_dict())
+    idx = torch.randint(0, 27, (B, 3), device=DEV)
+    y = torch.randint(0, 27, (B,), device=DEV)
+    lf, Lf = fused(idx, y)
+    lp, Lp = plain(idx, y)
+    _close(lf, lp, dtype, "logits")
+    _close(Lf, Lp, dtype, "loss")
+    (Lf + 0.01 * lf.float().pow(2).mean()).backward()
+    (Lp + 0.01 * lp.float().pow(2).mean()).backward()
+    for (n, a), b in zip(fused.named_parameters(), plain.parameters()):
+        _close(a.grad, b.grad, dtype, f"grad {n}")
+    bad = idx.clone()
+    bad[3, 1] = 27
+    with pytest.raises(IndexError, match="idx"):
+        fused(bad, y)[1].backward()
 
 
 # ----------------------------------------------------------------------------------------

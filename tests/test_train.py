@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from charmlp.model import NOTEBOOK_SEED, MLPLanguageModel
 from charmlp.train import (
     ConfigError,
-    DirectFusedAdamW,
     Progress,
     TrainConfig,
     batch_seed,
@@ -101,9 +100,86 @@ def test_custom_word_list_and_count_split(tmp_path):
 
 
 def test_divergence_is_reported(tmp_path):
-    with pytest.raises(FloatingPointError, match="diverged.*too high"):
+    with pytest.raises(FloatingPointError, match="diverged at step .*too high.*lower --lr"):
         train(small_config(lr=1e30, lr_schedule="constant", steps=200), tmp_path / "run",
               progress=False, log=lambda s: None)
+
+
+def test_a_finite_but_overflowing_loss_is_divergence(tmp_path):
+    """At --lr 1000 the losses stay finite (thousands of nats): their perplexity is not."""
+    from charmlp.checkpoint import load_checkpoint
+    from charmlp.train import TrainingDiverged
+
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as exc:
+        train(small_config(lr=1000.0, steps=200), run, progress=False, log=lambda s: None)
+    e = exc.value
+    assert math.isfinite(e.loss) and e.loss > 709 and e.step < 64 and e.run_dir == run
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert float(rows[e.step]["loss"]) == pytest.approx(e.loss, rel=1e-5)
+    assert all(float(r["loss"]) <= 709.78 for r in rows[:e.step])  # the first such step
+    results = json.loads((run / "results.json").read_text())
+    assert results["diverged"]["step"] == e.step and results["samples"] == []
+    assert results["losses"]["train"]["perplexity"] == "inf"  # (strict JSON)
+    assert load_checkpoint(run)["step"] == len(rows)
+
+
+def test_loss_report_of_a_diverged_loss():
+    assert loss_report(800.0, 5)["perplexity"] == math.inf  # math.exp(800) raises OverflowError
+    assert loss_report(math.inf, 5)["perplexity"] == math.inf
+    assert math.isnan(loss_report(math.nan, 5)["perplexity"])
+    assert loss_report(2.0, 5)["perplexity"] == math.exp(2.0)
+
+
+def test_seeds_must_be_below_2_63():
+    TrainConfig(seed=2**63 - 1).resolved()
+    with pytest.raises(ConfigError, match="seed must be < 2"):
+        TrainConfig(seed=2**63).resolved()
+
+
+def test_the_process_group_gets_a_bounded_timeout(monkeypatch):
+    """A dead or stopped peer must not hold the others for gloo's default 30 minutes."""
+    import datetime
+
+    import charmlp.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_mod.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv(train_mod.DIST_TIMEOUT_ENV, raising=False)
+    d = train_mod._setup_distributed("cpu")
+    assert (d.rank, d.world_size, d.owns_group) == (1, 2, True)
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(seconds=60)})]
+    monkeypatch.setenv(train_mod.DIST_TIMEOUT_ENV, "7.5")
+    train_mod._setup_distributed("cpu")
+    assert calls[-1][1]["timeout"] == datetime.timedelta(seconds=7.5)
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv(train_mod.DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(ConfigError, match="CHARMLP_DIST_TIMEOUT"):
+            train_mod._setup_distributed("cpu")
+
+
+def test_under_ddp_a_repeated_signal_does_not_abort_the_checkpoint():
+    """torchrun forwards a terminal's Ctrl-C to workers the terminal signalled already: the
+    second SIGINT must not turn into KeyboardInterrupt before the agreed stop."""
+    import signal
+
+    from charmlp.train import _StopRequest
+
+    notes = []
+    with _StopRequest(enabled=True, notify=notes.append, distributed=True) as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and len(notes) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # single process: the second Ctrl-C aborts at once
+        with _StopRequest(enabled=True, notify=notes.append) as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested
+            signal.raise_signal(signal.SIGINT)
 
 
 def test_existing_run_directory_is_not_overwritten(tmp_path):
@@ -204,91 +280,3 @@ def test_lr_find_suggests_a_rate():
     assert len(sweep["losses"]) == len(sweep["lre"]) == 200
     assert sweep["lre"][0] == pytest.approx(-3) and sweep["lre"][-1] == pytest.approx(0)
     assert 1e-3 <= sweep["suggested_lr"] <= sweep["best_lr"] <= 1.0
-
-
-# --- DirectFusedAdamW: the training loop's opt.step() without torch.optim's Python -------------
-
-def _model_and_adamw(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = MLPLanguageModel(vocab_size=27, block_size=3, emb_dim=10, hidden=64, fused=True)
-    return m, torch.optim.AdamW(m.parameters(), **{"lr": 1e-2, "weight_decay": 0.01, "fused": True, **kw})
-
-
-def _adamw_batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, 27, (32, 3), generator=g), torch.randint(0, 27, (32,), generator=g))
-            for _ in range(n)]
-
-
-def _same_adamw(m1, o1, m2, o2):
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(p1, p2)
-        for k in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(o1.state[p1][k], o2.state[p2][k]), k
-
-
-def test_direct_fused_adamw_is_bitwise_opt_step():
-    m1, o1 = _model_and_adamw()
-    m2, o2 = _model_and_adamw()
-    assert DirectFusedAdamW.applies(o2)
-    step = DirectFusedAdamW(o2)
-    for i, (x, y) in enumerate(_adamw_batches(12)):
-        for o in (o1, o2):
-            o.param_groups[0]["lr"] = 1e-2 * (1 - i / 20)  # the loop's schedule writes lr each step
-        m1.forward_backward(x, y)
-        o1.step()
-        m2.forward_backward(x, y)
-        step()
-    _same_adamw(m1, o1, m2, o2)
-    assert step._state is not None  # the direct path did run (first step: opt.step())
-
-    # A state loaded from a checkpoint is bound on the first call and continues exactly.
-    m3, o3 = _model_and_adamw(seed=5)
-    m3.load_state_dict(m1.state_dict())
-    o3.load_state_dict(copy.deepcopy(o1.state_dict()))  # (state_dict() shares o1's tensors)
-    step3 = DirectFusedAdamW(o3)
-    for x, y in _adamw_batches(4, seed=2):
-        m1.forward_backward(x, y)
-        o1.step()
-        m3.forward_backward(x, y)
-        step3()
-    _same_adamw(m1, o1, m3, o3)
-
-
-def test_direct_fused_adamw_keeps_opt_step_for_a_parameter_without_gradient():
-    m1, o1 = _model_and_adamw()
-    m2, o2 = _model_and_adamw()
-    step = DirectFusedAdamW(o2)
-    for x, y in _adamw_batches(3):
-        for m in (m1, m2):
-            m.forward_backward(x, y)
-            m.head.bias.grad = None
-        o1.step()
-        step()
-    assert step._state is None  # never bound: every step was opt.step()
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(p1, p2)
-
-
-@pytest.mark.parametrize("make", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
-    lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True, amsgrad=True),
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True, maximize=True),
-    lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2), fused=True),
-    lambda ps: torch.optim.AdamW([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-2, fused=True),
-    lambda ps: torch.optim.AdamW([ps[0].detach().double().requires_grad_()] + ps[1:], lr=1e-2, fused=True),
-], ids=["sgd", "adam", "adamw-unfused", "amsgrad", "maximize", "tensor-lr", "two-groups", "two-dtypes"])
-def test_direct_fused_adamw_applies_only_where_it_is_exact(make):
-    m = MLPLanguageModel(vocab_size=27, block_size=3, emb_dim=10, hidden=64, fused=True)
-    assert not DirectFusedAdamW.applies(make(list(m.parameters())))
-
-
-def test_direct_fused_adamw_does_not_apply_with_step_hooks():
-    m, opt = _model_and_adamw()
-    handle = opt.register_step_pre_hook(lambda *a: None)
-    assert not DirectFusedAdamW.applies(opt)
-    handle.remove()
-    assert DirectFusedAdamW.applies(opt)
-

@@ -84,6 +84,7 @@ struct DistinctContexts {
   std::vector<int64_t> idx;      // U x T: each distinct context once, in order of first appearance
   std::vector<T> rows;           // U: its rows with a counted (non-ignored) target
   std::vector<T> targets;        // U x V: histogram of those rows' targets
+  std::vector<int32_t> row_context;  // B: each row's distinct context (for writing logits)
   int64_t U = 0;
 };
 
@@ -104,7 +105,8 @@ bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_
   // A fresh table each call: clearing it is O(V^T) <= O(128 B), and measured faster than
   // keeping one between calls (a freshly cleared table is cache resident).
   std::vector<int32_t> slot(static_cast<size_t>(keys), -1);
-  std::vector<int32_t> row_context(static_cast<size_t>(B));
+  std::vector<int32_t>& row_context = ctx.row_context;
+  row_context.resize(static_cast<size_t>(B));
   std::vector<int64_t> first_row;
   for (int64_t b = 0; b < B; ++b) {
     int64_t key = 0;
@@ -117,7 +119,10 @@ bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_
     row_context[static_cast<size_t>(b)] = u;
   }
   const int64_t U = static_cast<int64_t>(first_row.size());
-  if (4 * U > 3 * B) return false;
+  if (4 * U > 3 * B) {
+    row_context.clear();
+    return false;
+  }
   ctx.U = U;
   ctx.idx.resize(static_cast<size_t>(U * Tn));
   for (int64_t u = 0; u < U; ++u) {
@@ -161,7 +166,9 @@ inline bool mlp_use_folded(int64_t rows, int64_t T, int64_t V, int64_t E, int64_
   return use_folded(rows, T, V, E, H, /*fixed_cost_scale=*/3 * p);
 }
 
-// The mean loss of the whole model and, with kBackward, its gradients (into *grads).
+// The mean loss of the whole model and, with kBackward, its gradients (into *grads);
+// with logits_out ([B, V], the batch's rows) also the logits, copied out of the chunk
+// before the loss overwrites them with their gradient.
 // kFolded picks the first-layer algorithm (embed_algorithm.h has the cost model):
 // folded builds P once and scatters into S; direct gathers each chunk's
 // embeddings and runs two more small GEMMs per chunk, with no per-step cost
@@ -169,8 +176,13 @@ inline bool mlp_use_folded(int64_t rows, int64_t T, int64_t V, int64_t E, int64_
 template <typename T, bool kFolded, bool kBackward>
 T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContexts<T>* ctx,
                 int64_t count, const T* table, const T* W1, const T* b1, const T* W2, const T* b2,
-                int64_t B, int64_t Tn, int64_t V, int64_t E, int64_t H, MlpGrads<T>* grads) {
+                int64_t B, int64_t Tn, int64_t V, int64_t E, int64_t H, MlpGrads<T>* grads,
+                T* logits_out) {
   const int64_t TE = Tn * E, Vp = padded_cols<T>(V);
+  // Grouped, the loop runs on distinct contexts: their logits [U, V] first, then each
+  // row copies its context's.
+  std::vector<T> context_logits(logits_out && ctx ? static_cast<size_t>(ctx->U * V) : 0);
+  T* loop_logits_out = ctx ? context_logits.data() : logits_out;
   T* W1t = thread_scratch<T>(Scratch::kSharedA, TE * H);  // [T*E, H]
   transpose_into(W1, H, TE, W1t, H);
   T* P = nullptr;  // [T, V, H]
@@ -221,6 +233,11 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
         direct_forward_rows<T>(n, emb, W1t, b1, h, TE, H);
       }
       output_logits<T>(n, H, V, h, W2t, b2, logits);
+      if (logits_out) {
+        for (int64_t r = 0; r < n; ++r) {
+          std::copy_n(logits + r * Vp, V, loop_logits_out + (c0 + r) * V);
+        }
+      }
       if constexpr (!kBackward) {
         if (ctx) {
           output_loss_counts<T>(n, V, logits, ctx->targets.data() + c0 * V, ctx->rows.data() + c0,
@@ -250,6 +267,14 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
     }
   });
 
+  if (logits_out && ctx) {
+    const int32_t* row_context = ctx->row_context.data();
+    at::parallel_for(0, B, 1024, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        std::copy_n(context_logits.data() + row_context[b] * V, V, logits_out + b * V);
+      }
+    });
+  }
   double loss_total = 0.0;
   for (double part : loss_sums) loss_total += part;
   const T loss = count > 0 ? static_cast<T>(loss_total / static_cast<double>(count))
@@ -307,13 +332,14 @@ CheckedBatch check_batch(const at::Tensor& idx, const at::Tensor& target, int64_
 // loop will run, and runs mlp_loss_impl. params: table, W1, b1, W2, b2 (contiguous).
 template <typename T, bool kBackward>
 T run_mlp_loss(const BatchRows& batch, const std::array<const T*, 5>& params, int64_t V,
-               int64_t E, int64_t H, MlpGrads<T>* grads) {
+               int64_t E, int64_t H, MlpGrads<T>* grads, T* logits_out = nullptr) {
   DistinctContexts<T> ctx;
   const bool grouped = group_contexts<T>(batch.idx, batch.target, batch.B, batch.T, V, ctx);
   const bool folded = mlp_use_folded(grouped ? ctx.U : batch.B, batch.T, V, E, H);
   auto impl = folded ? &mlp_loss_impl<T, true, kBackward> : &mlp_loss_impl<T, false, kBackward>;
   return impl(batch.idx, batch.target, grouped ? &ctx : nullptr, batch.count, params[0],
-              params[1], params[2], params[3], params[4], batch.B, batch.T, V, E, H, grads);
+              params[1], params[2], params[3], params[4], batch.B, batch.T, V, E, H, grads,
+              logits_out);
 }
 
 // p -= lr * g.
@@ -363,19 +389,55 @@ MlpInputs prepare_mlp(const at::Tensor& idx, const at::Tensor& target, const at:
 
 }  // namespace
 
+namespace {
+
+// The whole-model forward ops share one body: the loss, the logits [B, V] when
+// want_logits, the five gradients when want_grads.
+struct MlpForward {
+  at::Tensor logits, loss;
+  std::array<at::Tensor, 5> grads;
+};
+
+MlpForward mlp_forward_cpu(const at::Tensor& idx, const at::Tensor& target,
+                           const at::Tensor& table, const at::Tensor& weight1,
+                           const at::Tensor& bias1, const at::Tensor& weight2,
+                           const at::Tensor& bias2, const char* op, bool want_logits,
+                           bool want_grads) {
+  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
+  const MlpInputs in = prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2, op);
+  MlpForward out;
+  out.loss = at::empty({}, table.options());
+  if (want_logits) out.logits = at::empty({idx.size(0), in.V}, table.options());
+  if (want_grads) {
+    for (size_t i = 0; i < out.grads.size(); ++i) out.grads[i] = at::empty_like(in.params[i]);
+  }
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_forward_cpu", [&] {
+    scalar_t* logits = want_logits ? out.logits.mutable_data_ptr<scalar_t>() : nullptr;
+    if (!want_grads) {
+      out.loss.fill_(run_mlp_loss<scalar_t, false>(in.batch.all(), in.ptrs<scalar_t>(), in.V,
+                                                   in.E, in.H, nullptr, logits));
+      return;
+    }
+    MlpGrads<scalar_t> grads;
+    out.loss.fill_(run_mlp_loss<scalar_t, true>(in.batch.all(), in.ptrs<scalar_t>(), in.V, in.E,
+                                                in.H, &grads, logits));
+    const std::array<const scalar_t*, 5> src{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
+    for (size_t i = 0; i < out.grads.size(); ++i) {
+      std::copy_n(src[i], out.grads[i].numel(), out.grads[i].mutable_data_ptr<scalar_t>());
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
 at::Tensor mlp_cross_entropy_cpu(const at::Tensor& idx, const at::Tensor& target,
                                  const at::Tensor& table, const at::Tensor& weight1,
                                  const at::Tensor& bias1, const at::Tensor& weight2,
                                  const at::Tensor& bias2) {
-  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
-  const MlpInputs in =
-      prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2, "mlp_cross_entropy");
-  at::Tensor loss = at::empty({}, table.options());
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_cpu", [&] {
-    loss.fill_(run_mlp_loss<scalar_t, false>(in.batch.all(), in.ptrs<scalar_t>(), in.V, in.E,
-                                             in.H, nullptr));
-  });
-  return loss;
+  return mlp_forward_cpu(idx, target, table, weight1, bias1, weight2, bias2,
+                         "mlp_cross_entropy", false, false)
+      .loss;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -383,22 +445,31 @@ mlp_cross_entropy_and_grads_cpu(const at::Tensor& idx, const at::Tensor& target,
                                 const at::Tensor& table, const at::Tensor& weight1,
                                 const at::Tensor& bias1, const at::Tensor& weight2,
                                 const at::Tensor& bias2) {
-  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
-  const MlpInputs in = prepare_mlp(idx, target, table, weight1, bias1, weight2, bias2,
-                                   "mlp_cross_entropy_and_grads");
-  std::array<at::Tensor, 5> g;
-  for (size_t i = 0; i < g.size(); ++i) g[i] = at::empty_like(in.params[i]);
-  at::Tensor loss = at::empty({}, table.options());
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "mlp_cross_entropy_and_grads_cpu", [&] {
-    MlpGrads<scalar_t> grads;
-    loss.fill_(run_mlp_loss<scalar_t, true>(in.batch.all(), in.ptrs<scalar_t>(), in.V, in.E,
-                                            in.H, &grads));
-    const std::array<const scalar_t*, 5> src{grads.table, grads.W1, grads.b1, grads.W2, grads.b2};
-    for (size_t i = 0; i < g.size(); ++i) {
-      std::copy_n(src[i], g[i].numel(), g[i].mutable_data_ptr<scalar_t>());
-    }
-  });
-  return {loss, g[0], g[1], g[2], g[3], g[4]};
+  auto out = mlp_forward_cpu(idx, target, table, weight1, bias1, weight2, bias2,
+                             "mlp_cross_entropy_and_grads", false, true);
+  const auto& g = out.grads;
+  return {out.loss, g[0], g[1], g[2], g[3], g[4]};
+}
+
+// The same, and the logits [B, V] as well (the model's forward with targets).
+std::tuple<at::Tensor, at::Tensor> mlp_logits_cross_entropy_cpu(
+    const at::Tensor& idx, const at::Tensor& target, const at::Tensor& table,
+    const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2,
+    const at::Tensor& bias2) {
+  auto out = mlp_forward_cpu(idx, target, table, weight1, bias1, weight2, bias2,
+                             "mlp_logits_cross_entropy", true, false);
+  return {out.logits, out.loss};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mlp_logits_cross_entropy_and_grads_cpu(const at::Tensor& idx, const at::Tensor& target,
+                                       const at::Tensor& table, const at::Tensor& weight1,
+                                       const at::Tensor& bias1, const at::Tensor& weight2,
+                                       const at::Tensor& bias2) {
+  auto out = mlp_forward_cpu(idx, target, table, weight1, bias1, weight2, bias2,
+                             "mlp_logits_cross_entropy_and_grads", true, true);
+  const auto& g = out.grads;
+  return {out.logits, out.loss, g[0], g[1], g[2], g[3], g[4]};
 }
 
 namespace {
@@ -463,6 +534,8 @@ at::Tensor mlp_sgd_steps_cpu(const at::Tensor& idx, const at::Tensor& target, at
 TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
   m.impl("mlp_cross_entropy", &mlp_cross_entropy_cpu);
   m.impl("mlp_cross_entropy_and_grads", &mlp_cross_entropy_and_grads_cpu);
+  m.impl("mlp_logits_cross_entropy", &mlp_logits_cross_entropy_cpu);
+  m.impl("mlp_logits_cross_entropy_and_grads", &mlp_logits_cross_entropy_and_grads_cpu);
   m.impl("mlp_sgd_step", &mlp_sgd_step_cpu);
   m.impl("mlp_sgd_steps", &mlp_sgd_steps_cpu);
 }

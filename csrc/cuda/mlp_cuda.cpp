@@ -1,6 +1,10 @@
 // Host side of the CUDA whole-model ops (the family of csrc/cpu/mlp_cpu.cpp):
 //   mlp_cross_entropy            embed_linear_tanh -> linear_cross_entropy forwards
 //   mlp_cross_entropy_and_grads  the same plus both backwards (no host checks in between)
+//   mlp_logits_cross_entropy(_and_grads)
+//                                the model's forward with targets: embed_linear_tanh, the
+//                                logits as one GEMM (written anyway: they are an output),
+//                                cross_entropy on them (and both backwards)
 //   mlp_sgd_step                 the single-kernel fused step (small batches, V <= 32), or
 //                                the composition above plus one multi-tensor SGD update
 //   mlp_sgd_steps                K such steps from one host call (no sync in between)
@@ -95,6 +99,66 @@ mlp_cross_entropy_and_grads_cuda(const at::Tensor& idx, const at::Tensor& target
       contiguous_params(table, weight1, bias1, weight2, bias2));
   check_index_errors();
   return {loss, g[0], g[1], g[2], g[3], g[4]};
+}
+
+// The logits [B, V] = h W2^T + b2 and the mean loss on them (the parameters' dtype),
+// with lse [B] for a backward. idx_c, tgt_c: contiguous int64; B > 0.
+struct LogitsAndLoss {
+  at::Tensor h, logits, loss, lse;
+};
+
+LogitsAndLoss mlp_logits_launch(const at::Tensor& idx_c, const at::Tensor& tgt_c,
+                                const Params& p) {
+  at::Tensor h = embed_linear_tanh_launch(idx_c, p[0], p[1], p[2]);  // B x H
+  at::Tensor logits = at::addmm(p[4], h, p[3].t());                  // B x V
+  auto [mean_loss, lse] =
+      cross_entropy_launch(logits, tgt_c, kReductionMean, kIgnoreIndex, 0.0);
+  return {h, logits, mean_loss.to(p[0].scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> mlp_logits_cross_entropy_cuda(
+    const at::Tensor& idx, const at::Tensor& target, const at::Tensor& table,
+    const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2,
+    const at::Tensor& bias2) {
+  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
+  const c10::cuda::CUDAGuard guard(table.device());
+  if (idx.size(0) == 0) {
+    check_index_errors();
+    return {at::empty({0, table.size(0)}, table.options()), empty_batch_loss(table)};
+  }
+  const LogitsAndLoss out = mlp_logits_launch(
+      index_tensor(idx), index_tensor(target), contiguous_params(table, weight1, bias1, weight2, bias2));
+  check_index_errors();
+  return {out.logits, out.loss};
+}
+
+// The same and the loss's five gradients: dlogits G [B, V] by the cross-entropy backward
+// (grad_loss undefined: 1), then dW2 = G^T h, db2 = sum_b G, dh = G W2 and the first
+// layer's fused backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mlp_logits_cross_entropy_and_grads_cuda(const at::Tensor& idx, const at::Tensor& target,
+                                        const at::Tensor& table, const at::Tensor& weight1,
+                                        const at::Tensor& bias1, const at::Tensor& weight2,
+                                        const at::Tensor& bias2) {
+  check_mlp_args(idx, target, table, weight1, bias1, weight2, bias2);
+  const c10::cuda::CUDAGuard guard(table.device());
+  if (idx.size(0) == 0) {
+    check_index_errors();
+    return {at::empty({0, table.size(0)}, table.options()), empty_batch_loss(table),
+            at::zeros_like(table), at::zeros_like(weight1), at::zeros_like(bias1),
+            at::zeros_like(weight2), at::zeros_like(bias2)};
+  }
+  const at::Tensor idx_c = index_tensor(idx), tgt_c = index_tensor(target);
+  const Params p = contiguous_params(table, weight1, bias1, weight2, bias2);
+  const LogitsAndLoss out = mlp_logits_launch(idx_c, tgt_c, p);
+  const at::Tensor G = cross_entropy_backward_launch(at::Tensor(), out.logits, tgt_c, out.lse,
+                                                     kReductionMean, kIgnoreIndex, 0.0);
+  const at::Tensor grad_w2 = G.t().mm(out.h), grad_b2 = G.sum(0), grad_h = G.mm(p[3]);
+  auto [grad_table, grad_w1, grad_b1] =
+      embed_linear_tanh_backward_launch(grad_h, out.h, idx_c, p[0], p[1]);
+  check_index_errors();
+  return {out.logits, out.loss, grad_table.contiguous(), grad_w1.contiguous(),
+          grad_b1.contiguous(), grad_w2, grad_b2};
 }
 
 // One plain-SGD step of the contiguous parameters `work` on idx_c [B, T], tgt_c [B]
@@ -202,6 +266,8 @@ at::Tensor mlp_sgd_steps_cuda(const at::Tensor& idx, const at::Tensor& target, a
 TORCH_LIBRARY_IMPL(charmlp, CUDA, m) {
   m.impl("mlp_cross_entropy", &mlp_cross_entropy_cuda);
   m.impl("mlp_cross_entropy_and_grads", &mlp_cross_entropy_and_grads_cuda);
+  m.impl("mlp_logits_cross_entropy", &mlp_logits_cross_entropy_cuda);
+  m.impl("mlp_logits_cross_entropy_and_grads", &mlp_logits_cross_entropy_and_grads_cuda);
   m.impl("mlp_sgd_step", &mlp_sgd_step_cuda);
   m.impl("mlp_sgd_steps", &mlp_sgd_steps_cuda);
 }

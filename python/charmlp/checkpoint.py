@@ -21,13 +21,26 @@ Why the care:
 * **Compatibility.** A format tag and version are checked, then the structure and the
   parameter shapes, so an unrelated ``.pt`` file or a checkpoint from an incompatible
   version is a clear :class:`CheckpointError`.
+* **One writer per run directory.** :class:`RunLock` is an advisory ``flock`` on
+  ``RUN_DIR/.lock`` that a training process takes before it writes anything there; a
+  second process on the same directory gets :class:`RunDirInUse` at once instead of
+  interleaving its files with the first one's. The kernel drops the lock when its holder
+  dies, so a crashed run never leaves the directory locked.
+* **No stale temporary files.** A writer killed in the middle of a write (SIGKILL, power
+  loss) leaves its ``.<name>.tmp-<pid>`` behind (a checkpoint's is as large as the
+  checkpoint). The next :func:`atomic_write` of the same file removes those of dead
+  processes, and taking the :class:`RunLock` removes all of them (no other writer can be
+  live then).
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import math
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -36,12 +49,18 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "WriteError",
+    "RunDirInUse",
+    "RunLock",
     "CHECKPOINT_NAME",
+    "LOCK_NAME",
     "FORMAT",
     "VERSION",
     "atomic_write",
     "atomic_write_text",
     "atomic_write_json",
+    "json_safe",
+    "remove_stale_temp_files",
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_path",
@@ -51,6 +70,8 @@ __all__ = [
 
 #: File name of the latest checkpoint inside a run directory.
 CHECKPOINT_NAME = "checkpoint.pt"
+#: Lock file of a run directory (see :class:`RunLock`).
+LOCK_NAME = ".lock"
 #: Format tag and version stored in (and required of) every checkpoint.
 FORMAT = "charmlp.checkpoint"
 VERSION = 1
@@ -73,6 +94,153 @@ _REQUIRED = {
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, truncated or incompatible."""
+
+
+class WriteError(RuntimeError):
+    """A file or directory that cannot be written: a read-only or full disk, no permission,
+    a path through a regular file. The message names the path and the reason."""
+
+    @classmethod
+    def from_os_error(cls, e: OSError, path: str | Path | None = None) -> "WriteError":
+        where = e.filename if e.filename is not None else path
+        return cls(f"cannot write {where}: {e.strerror or e}")
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process holds the run directory's :class:`RunLock`."""
+
+
+# --------------------------------------------------------------------------- temp files
+
+#: ``atomic_write``'s temporary files: ``.<name>.tmp-<pid>``.
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (signal 0 checks without sending)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # it exists, as another user's process
+        return True
+    except (ProcessLookupError, OverflowError):  # (OverflowError: beyond any pid)
+        return False
+    return True
+
+
+def remove_stale_temp_files(directory: str | Path, name: str | None = None,
+                            only_dead: bool = True) -> list[Path]:
+    """Delete :func:`atomic_write` temporary files in ``directory`` (of the file ``name``
+    only, if given) whose writer is dead, or all of them with ``only_dead=False`` (for a
+    holder of the directory's :class:`RunLock`). Returns the removed paths.
+
+    A pid that is alive may be a reused one, so such a file is kept: the next lock holder
+    removes it.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP_RE.match(entry.name)
+        if m is None or (name is not None and m["name"] != name):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or (only_dead and _pid_alive(pid)):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:  # gone already, or not ours to remove: not this writer's problem
+            pass
+    return removed
+
+
+# --------------------------------------------------------------------------- run lock
+
+
+class RunLock:
+    """Exclusive ownership of a run directory: ``flock(LOCK_EX | LOCK_NB)`` on ``.lock``.
+
+    :meth:`acquire` raises :class:`RunDirInUse` (naming the holder's pid, which the holder
+    writes into the file) when another process holds it. ``flock`` locks belong to the
+    open file, so two acquisitions in one process also exclude each other, and the kernel
+    releases the lock when the holder exits or is killed. Acquiring removes every stale
+    temporary file in the directory. The lock file itself stays: removing it would let a
+    third process lock a new file while the second still holds the old one.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = self._in_use(fd)
+            os.close(fd)
+            raise error from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        remove_stale_temp_files(self.directory, only_dead=False)
+        return self
+
+    def _in_use(self, fd: int) -> RunDirInUse:
+        try:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        return RunDirInUse(f"{self.directory} is in use by another charmlp process"
+                           + (f" (pid {holder})" if holder.isdigit() else "")
+                           + "; wait for it to finish, or choose another --out")
+
+    def check_free(self) -> None:
+        """Raise :class:`RunDirInUse` if a live process holds the lock; write nothing (a
+        shared probe of an existing lock file, for a clearer error than "holds a run")."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file (or unreadable): nobody to name
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use(fd) from None
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # (closing drops the probe's shared lock)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -98,10 +266,12 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None],
 
     The data goes to ``.<name>.tmp-<pid>`` next to ``path``; after flush + fsync (and the
     optional ``verify(tmp_path)``), ``os.replace`` swaps it in. On any failure, including
-    KeyboardInterrupt, the temporary file is deleted and ``path`` is untouched.
+    KeyboardInterrupt, the temporary file is deleted and ``path`` is untouched. Temporary
+    files of ``path`` that dead writers left behind are removed first.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_stale_temp_files(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -123,8 +293,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as the string ``"inf"``, ``"-inf"`` or ``"nan"``:
+    strict JSON has no such numbers (Python's ``Infinity``/``NaN`` break other readers),
+    and ``float()`` reads the strings back. A diverged run's losses are such floats."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, ensure_ascii=False,
+                                       allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------- verification

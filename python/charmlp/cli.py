@@ -9,6 +9,7 @@ turning the library's errors into one-line messages with a non-zero exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -47,6 +48,14 @@ _positive_float = _bounded(float, 0.0, inclusive=False)
 _nonneg_float = _bounded(float, 0.0, inclusive=True)
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed, 0 <= seed < 2**63 (torch generators take a signed 64-bit one)."""
+    v = _nonneg_int(text)
+    if v >= 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer below 2**63 = {2**63}, got {text}")
+    return v
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="PATH", default=None,
@@ -72,9 +81,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="hidden layer width (default: 200)")
     g.add_argument("--init", choices=("notebook", "default"), default=None,
                    help="parameter init: the notebook's randn draws (default) or nn.Linear's")
-    g.add_argument("--seed", type=_nonneg_int, default=None, metavar="S",
-                   help="seed of the init and minibatch generators (default: the notebook's "
-                        "2147483647, which reproduces its parameters)")
+    g.add_argument("--seed", type=_seed, default=None, metavar="S",
+                   help="seed of the init and minibatch generators, 0 <= S < 2**63 (default: the "
+                        "notebook's 2147483647, which reproduces its parameters)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -98,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the MLP language model. Defaults are the lecture's final "
                                    "model: block 3, emb 10, hidden 200, 200,000 steps of batch 32, "
                                    "SGD at 0.1 then 0.01 from step 100,000, notebook init. Works "
-                                   "unchanged under torchrun --nproc-per-node N (DDP).")
+                                   "unchanged under torchrun --nproc-per-node N (DDP); there Ctrl-C "
+                                   "or SIGTERM on any rank stops all ranks at the same step with a "
+                                   "checkpoint, and a rank that waits longer than "
+                                   "$CHARMLP_DIST_TIMEOUT seconds (default 60) for a dead or stopped "
+                                   "peer ends the job. A run directory belongs to one process at a "
+                                   "time (a lock file, RUN_DIR/.lock).")
     _add_data_args(p)
     _add_model_args(p)
     g = p.add_argument_group("optimization")
@@ -118,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="RUN_DIR", default=None,
-                   help="run directory (default: runs/YYYYmmdd-HHMMSS)")
+                   help="run directory (default: a new runs/YYYYmmdd-HHMMSS-XXXXXX, XXXXXX random)")
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue the run in RUN_DIR from its checkpoint (its settings are kept; "
+                   help="continue the run in RUN_DIR (or RUN_DIR/checkpoint.pt) from its "
+                        "checkpoint (its settings are kept; "
                         "only --steps, --threads, --device, --reference, --eval-every, "
                         "--checkpoint-every, --eval-batch-size, --samples may change)")
     g.add_argument("--eval-every", type=_nonneg_int, default=None, metavar="N",
@@ -155,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample new words from a trained run")
     p.add_argument("run", metavar="RUN_DIR", help="run directory (or a checkpoint file)")
     p.add_argument("-n", "--num", type=_nonneg_int, default=20, help="number of words (default: 20)")
-    p.add_argument("--seed", type=_nonneg_int, default=None,
-                   help="sampling seed; the same seed gives the same words (default: the "
-                        "notebook's 2147483657)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="sampling seed, 0 <= seed < 2**63; the same seed gives the same words "
+                        "(default: the notebook's 2147483657)")
     p.add_argument("--temperature", type=_positive_float, default=1.0,
                    help="divide the logits by T (default: 1)")
     p.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
@@ -205,11 +220,11 @@ def _given(args: argparse.Namespace, keys) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
+    from .train import TrainConfig, _resume_dir, train
 
     given = _given(args, _TRAIN_KEYS)
     if args.resume is not None:
-        if args.out is not None and Path(args.out) != Path(args.resume):
+        if args.out is not None and Path(args.out) != _resume_dir(args.resume):
             raise _Usage("--resume continues a run in place; drop --out")
         train(TrainConfig(), resume=args.resume, overrides=given, progress=not args.quiet)
     else:
@@ -226,10 +241,23 @@ def cmd_lr_find(args) -> int:
                                       "split_seed", "test_count", "dev_count")))
     sweep = lr_find(cfg, args.lr_min_exp, args.lr_max_exp, args.num)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_lr_find(sweep, out)
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot_lr_find(sweep, out)
     print(f"wrote {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turns an OSError while writing ``path`` (read-only or full disk, a path through a
+    file) into a WriteError: a one-line message naming the path."""
+    from .checkpoint import WriteError
+
+    try:
+        yield
+    except OSError as e:
+        raise WriteError.from_os_error(e, path) from e
 
 
 def _load_run(run: str, reference: bool):
@@ -250,6 +278,9 @@ def cmd_sample(args) -> int:
     from .data import normalize_word
 
     ckpt, model, vocab, split = _load_run(args.run, args.reference)
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise _Failed(f"{args.run}: the model's parameters are not finite (the run diverged); "
+                      f"there is nothing to sample")
     prefix = ""
     if args.prefix.strip():
         # The prefix goes through the run's character policy (NFC, lower case), like its data.
@@ -269,6 +300,7 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
+    from .checkpoint import json_safe
     from .data import build_examples, read_words
     from .train import evaluate, format_losses, loss_report
 
@@ -285,8 +317,9 @@ def cmd_eval(args) -> int:
     for name, words in parts.items():
         X, Y = build_examples(words, vocab, T, source=args.data or f"{name} split")
         reports[name] = loss_report(evaluate(model, X, Y, args.batch_size), X.shape[0])
-    if args.json:
-        print(json.dumps({"run": str(args.run), "step": ckpt["step"], "losses": reports}, indent=2))
+    if args.json:  # (a diverged run's inf/nan as strings: strict JSON)
+        print(json.dumps(json_safe({"run": str(args.run), "step": ckpt["step"], "losses": reports}),
+                         indent=2, allow_nan=False))
     else:
         print(f"{args.run} at step {ckpt['step']:,} (nats per character):")
         print(format_losses(reports))
@@ -299,19 +332,22 @@ def cmd_plot(args) -> int:
 
     run = Path(args.run)
     out_dir = Path(args.out_dir) if args.out_dir else run
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = load_checkpoint(run)
+    ckpt = load_checkpoint(run)  # (first: a mistyped RUN_DIR must not be created)
+    with _writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if (run / "metrics.csv").exists():
-        written.append(plot_loss_curve(run, out_dir / "loss.png"))
+        with _writing(out_dir / "loss.png"):
+            written.append(plot_loss_curve(run, out_dir / "loss.png"))
     else:
         print(f"note: {run / 'metrics.csv'} not found; no loss curve", file=sys.stderr)
     from .data import Vocab
 
     vocab = Vocab.from_dict(ckpt["vocab"])
     table = ckpt["model"]["state_dict"]["embed.table"]
-    written.append(plot_embedding(table, vocab.itos, out_dir / "embedding.png",
-                                  title=f"character embeddings of {run.name} (step {ckpt['step']:,})"))
+    with _writing(out_dir / "embedding.png"):
+        written.append(plot_embedding(table, vocab.itos, out_dir / "embedding.png",
+                                      title=f"character embeddings of {run.name} (step {ckpt['step']:,})"))
     for w in written:
         print(f"wrote {w}")
     return 0
@@ -324,30 +360,46 @@ class _Usage(Exception):
     """A bad combination of command-line arguments."""
 
 
+class _Failed(Exception):
+    """A command that cannot do what was asked (a one-line error, exit status 2)."""
+
+
 def _run(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, RunDirInUse, WriteError
     from .data import DataError, VocabError
-    from .train import ConfigError, TrainingInterrupted
+    from .plot import PlotError
+    from .train import ConfigError, PeerLost, TrainingDiverged, TrainingInterrupted
 
     prefix = f"charmlp {args.command}: error:"
     try:
         return args.func(args)
     except _Usage as e:
         parser.exit(EXIT_ERROR, f"{prefix} {e}\n")
-    except (DataError, VocabError, CheckpointError, ConfigError, FloatingPointError) as e:
+    except TrainingDiverged as e:  # (every torchrun rank raises it: rank 0 tells)
+        if _is_rank0():
+            print(f"{prefix} {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except (DataError, VocabError, CheckpointError, ConfigError, FloatingPointError, WriteError,
+            RunDirInUse, PlotError, PeerLost, _Failed) as e:
         print(f"{prefix} {e}", file=sys.stderr)
         return EXIT_ERROR
     except FileNotFoundError as e:  # e.g. plot without metrics
         print(f"{prefix} {e}", file=sys.stderr)
         return EXIT_ERROR
     except TrainingInterrupted as e:
-        print(f"charmlp {args.command}: {e}", file=sys.stderr)
+        if _is_rank0():
+            print(f"charmlp {args.command}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"charmlp {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _is_rank0() -> bool:
+    """Rank 0 of a torchrun job, or a single process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ NOTEBOOK_SEED = 2147483647
 _mlp_sgd_step = torch.ops.charmlp.mlp_sgd_step.default
 _mlp_sgd_steps = torch.ops.charmlp.mlp_sgd_steps.default
 _mlp_cross_entropy = torch.ops.charmlp.mlp_cross_entropy.default
+_mlp_logits_cross_entropy = torch.ops.charmlp.mlp_logits_cross_entropy.default
 _mlp_cross_entropy_and_grads = torch.ops.charmlp.mlp_cross_entropy_and_grads.default
 _WHOLE_MODEL_KERNELS: dict = {}
 
@@ -42,7 +43,7 @@ def _whole_model_kernels(device_type: str, dtype: torch.dtype) -> bool:
         dtype_ok = dtype in (torch.float32, torch.float64) or device_type == "cuda"
         _WHOLE_MODEL_KERNELS[key] = dtype_ok and all(
             torch._C._dispatch_has_kernel_for_dispatch_key(f"charmlp::{op}", device_type.upper())
-            for op in ("mlp_cross_entropy", "mlp_sgd_step", "mlp_sgd_steps")
+            for op in ("mlp_cross_entropy", "mlp_logits_cross_entropy", "mlp_sgd_step", "mlp_sgd_steps")
         )
     return _WHOLE_MODEL_KERNELS[key]
 
@@ -151,20 +152,26 @@ class MLPLanguageModel(nn.Module):
     ) -> tuple[Tensor | None, Tensor | None]:
         """Returns ``(logits [B, V], loss)``; ``loss`` is the mean cross-entropy, None without targets.
 
-        With targets and ``return_logits=False`` (the training loop's form) the fused path
-        computes the loss without materializing any activation (logits are returned as
-        None): the whole model as one ``mlp_cross_entropy`` op where it has a kernel
-        (CPU float32/float64, CUDA), whose forward also computes the parameter gradients
-        when they are needed, so ``loss.backward()`` costs almost nothing; otherwise
-        ``embed_linear_tanh`` then ``linear_cross_entropy``.
+        With targets, the fused path is the whole model as one op where it has a kernel
+        (CPU float32/float64, CUDA): ``mlp_logits_cross_entropy``, whose forward writes the
+        logits and the loss and, when a parameter requires grad, the five parameter
+        gradients too, so ``loss.backward()`` only hands them over (and adds exactly what a
+        gradient into the logits contributes, if the caller's graph sends one). This is the
+        fast path for the usual loop, ``logits, loss = model(x, y); loss.backward();
+        opt.step()``, with any optimizer. ``return_logits=False`` skips writing the
+        ``[B, V]`` logits (returned as None): ``mlp_cross_entropy``, or
+        ``embed_linear_tanh`` then ``linear_cross_entropy`` for other dtypes.
         """
-        if targets is not None and self.fused and not return_logits:
+        if targets is not None and self.fused:
             params = self._step_parameters()
             if self._whole_model_kernel_available(params[0]):
                 self._check_idx(idx)
+                if return_logits:
+                    return _mlp_logits_cross_entropy(idx, targets, *params)
                 return None, _mlp_cross_entropy(idx, targets, *params)
-            h = self.hidden_states(idx)
-            return None, ops.linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
+            if not return_logits:
+                h = self.hidden_states(idx)
+                return None, ops.linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
         h = self.hidden_states(idx)
         logits = F.linear(h, self.head.weight, self.head.bias)
         if targets is None:

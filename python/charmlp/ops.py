@@ -26,9 +26,9 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "mlp_cross_entropy",
+    "mlp_logits_cross_entropy",
     "mlp_sgd_step",
     "mlp_sgd_steps",
-    "mlp_adamw_steps",
     "op_names",
     "reduction_code",
 ]
@@ -288,6 +288,47 @@ def _mlp_cross_entropy_and_grads_fake(idx, target, table, weight1, bias1, weight
 
 
 # --------------------------------------------------------------------------------------
+# mlp_logits_cross_entropy
+# --------------------------------------------------------------------------------------
+
+
+def mlp_logits_cross_entropy(
+    idx: Tensor,
+    target: Tensor,
+    table: Tensor,
+    weight1: Tensor,
+    bias1: Tensor,
+    weight2: Tensor,
+    bias2: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The model's forward with targets as one differentiable op: ``(logits [B, V], loss)``.
+
+    The same loss as :func:`mlp_cross_entropy`, plus the logits
+    ``F.linear(tanh(F.linear(table[idx].flatten(1), weight1, bias1)), weight2, bias2)``
+    (what ``logits, loss = model(x, y)`` returns). When a parameter requires grad the
+    forward also computes the loss's five parameter gradients in the same pass, so
+    ``loss.backward()`` only hands them over. A gradient that reaches the logits (another
+    loss term on them) is added exactly by the backward, which then recomputes the hidden
+    layer once. Double backward and forward-mode AD raise.
+    """
+    return torch.ops.charmlp.mlp_logits_cross_entropy.default(idx, target, table, weight1, bias1, weight2, bias2)
+
+
+@torch.library.register_fake("charmlp::mlp_logits_cross_entropy")
+def _mlp_logits_cross_entropy_fake(idx, target, table, weight1, bias1, weight2, bias2):
+    _check_mlp_fake(idx, target, table, weight1, bias1, weight2, bias2)
+    return table.new_empty((idx.shape[0], table.shape[0])), table.new_empty(())
+
+
+@torch.library.register_fake("charmlp::mlp_logits_cross_entropy_and_grads")
+def _mlp_logits_cross_entropy_and_grads_fake(idx, target, table, weight1, bias1, weight2, bias2):
+    _check_mlp_fake(idx, target, table, weight1, bias1, weight2, bias2)
+    return (table.new_empty((idx.shape[0], table.shape[0])), table.new_empty(())) + tuple(
+        p.new_empty(p.shape) for p in (table, weight1, bias1, weight2, bias2)
+    )
+
+
+# --------------------------------------------------------------------------------------
 # mlp_sgd_step
 # --------------------------------------------------------------------------------------
 
@@ -361,7 +402,7 @@ def mlp_sgd_steps(
 
 
 def _check_steps_fake(idx, target, lr):
-    """The K-step ops' fake-kernel checks: idx [K, B, T], target [K, B], K learning rates."""
+    """mlp_sgd_steps' fake-kernel checks: idx [K, B, T], target [K, B], K learning rates."""
     torch._check(idx.dim() == 3, lambda: f"charmlp: idx must be 3-D [K, B, T], got {tuple(idx.shape)}")
     torch._check(
         target.dim() == 2 and target.shape == idx.shape[:2],
@@ -378,58 +419,5 @@ def _mlp_sgd_steps_fake(idx, target, table, weight1, bias1, weight2, bias2, lr):
     _check_same_device(
         table, "table", idx=idx, target=target, weight1=weight1, bias1=bias1, weight2=weight2, bias2=bias2
     )
-    _check_steps_fake(idx, target, lr)
-    return table.new_empty((idx.shape[0],))
-
-
-# --------------------------------------------------------------------------------------
-# mlp_adamw_steps
-# --------------------------------------------------------------------------------------
-
-
-def mlp_adamw_steps(
-    idx: Tensor,
-    target: Tensor,
-    params: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    lr: float | Sequence[float],
-    *,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    weight_decay: float = 0.01,
-    eps: float = 1e-8,
-) -> Tensor:
-    """``K`` AdamW training steps of the whole model in one call; returns the ``K`` losses.
-
-    Step ``k`` computes the mean cross-entropy and its gradients on ``idx[k]``,
-    ``target[k]`` (``mlp_cross_entropy_and_grads``), then applies the update of
-    ``torch.optim.AdamW(fused=True)`` with learning rate ``lr[k]``: ``state_steps += 1``
-    and ``torch._fused_adamw_`` on ``exp_avgs`` / ``exp_avg_sqs``. Given an optimizer's
-    state tensors (``opt.state[p]["exp_avg"]``, ``["exp_avg_sq"]``, ``["step"]``) this is
-    bitwise that optimizer's loop of ``model.forward_backward`` + ``opt.step()``, without
-    its Python per step, and leaves the state in that optimizer's format. ``params`` and
-    each state list hold five tensors in the order table ``[V, E]``, weight1 ``[H, T*E]``,
-    bias1 ``[H]``, weight2 ``[V, H]``, bias2 ``[V]``; idx ``[K, B, T]``, target ``[K, B]``;
-    ``lr`` one number for every step or a sequence of ``K``. Every index is checked before
-    the first step (a bad one raises ``IndexError`` with nothing changed). Call it under
-    ``torch.no_grad()`` when the parameters require grad.
-    """
-    lrs = _per_step_lrs(idx, lr)
-    return torch.ops.charmlp.mlp_adamw_steps.default(
-        idx, target, list(params), list(exp_avgs), list(exp_avg_sqs), list(state_steps), lrs,
-        float(beta1), float(beta2), float(weight_decay), float(eps)
-    )
-
-
-@torch.library.register_fake("charmlp::mlp_adamw_steps")
-def _mlp_adamw_steps_fake(idx, target, params, exp_avgs, exp_avg_sqs, state_steps, lr, beta1, beta2,
-                          weight_decay, eps):
-    for name, tensors in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                          ("state_steps", state_steps)):
-        torch._check(len(tensors) == 5, lambda: f"charmlp: {name} must hold 5 tensors, got {len(tensors)}")
-    table = params[0]
-    _check_same_device(table, "table", idx=idx, target=target)
     _check_steps_fake(idx, target, lr)
     return table.new_empty((idx.shape[0],))

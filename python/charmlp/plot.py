@@ -12,7 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["plot_loss_curve", "plot_embedding", "plot_lr_find", "embedding_2d"]
+__all__ = ["PlotError", "plot_loss_curve", "plot_embedding", "plot_lr_find", "embedding_2d"]
+
+
+class PlotError(ValueError):
+    """A run file that holds nothing to plot (empty, header only) or is not a metrics table."""
 
 
 def _pyplot():
@@ -24,15 +28,36 @@ def _pyplot():
     return plt
 
 
-def _read_csv(path: Path) -> dict[str, np.ndarray]:
+def _read_csv(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The columns of a run's CSV file as float arrays (a missing value: nan).
+
+    A file without the ``required`` columns (empty, or not one of charmlp's) is a
+    :class:`PlotError`. A crash can leave a partial last row, which is skipped, as a
+    resumed run does.
+    """
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
         cols = reader.fieldnames or []
-    out = {}
-    for c in cols:
-        out[c] = np.array([float(r[c]) if r[c] not in ("", None) else np.nan for r in rows])
-    return out
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise PlotError(f"{path}: " + ("is empty" if not cols else
+                                       f"has no {', '.join(missing)} column (not a charmlp run file?)"))
+
+    def number(text):
+        return np.nan if text in ("", None) else float(text)
+
+    out = {c: [] for c in cols}
+    for i, r in enumerate(rows):
+        try:
+            values = {c: number(r[c]) for c in cols}
+        except ValueError:
+            if i == len(rows) - 1:
+                break
+            raise PlotError(f"{path}: row {i + 2} is not numbers: {','.join(map(str, r.values()))!r}") from None
+        for c in cols:
+            out[c].append(values[c])
+    return {c: np.array(v, dtype=np.float64) for c, v in out.items()}
 
 
 def plot_loss_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -42,9 +67,9 @@ def plot_loss_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
     metrics = run_dir / "metrics.csv"
     if not metrics.exists():
         raise FileNotFoundError(f"{metrics}: no metrics file (is {run_dir} a charmlp run directory?)")
-    m = _read_csv(metrics)
-    if len(m.get("step", [])) == 0:
-        raise ValueError(f"{metrics}: no steps logged yet")
+    m = _read_csv(metrics, ("step", "loss"))
+    if len(m["step"]) == 0:
+        raise PlotError(f"{metrics}: no steps logged yet, nothing to plot")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     step, loss = m["step"], m["loss"]
@@ -56,8 +81,11 @@ def plot_loss_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
                 label=f"mean over {w:,} steps")
     evals = run_dir / "evals.csv"
     if evals.exists():
-        e = _read_csv(evals)
-        if len(e.get("step", [])):
+        try:
+            e = _read_csv(evals, ("step", "train", "dev"))
+        except PlotError:  # (the evaluations are an overlay: the loss curve stands alone)
+            e = {"step": []}
+        if len(e["step"]):
             ax.plot(e["step"], np.log10(e["train"]), "o-", color="tab:orange", ms=3, label="train (full)")
             if np.isfinite(e["dev"]).any():
                 ax.plot(e["step"], np.log10(e["dev"]), "s-", color="tab:green", ms=3, label="dev (full)")

@@ -10,11 +10,10 @@ model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD a
   runs each chunk as one :meth:`MLPLanguageModel.sgd_steps` call: the ``mlp_sgd_steps`` op
   does the chunk's fused forward + backward + update steps back to back in C++, bitwise
   the steps a loop of :meth:`~MLPLanguageModel.sgd_step` calls would take, without a
-  Python round trip per step. AdamW runs each chunk as one ``mlp_adamw_steps`` op call
-  (:meth:`DirectFusedAdamW.steps`): per step the model's fused loss-and-gradients op, then
-  the two ATen calls of a fused ``torch.optim.AdamW`` on that optimizer's own state, bitwise
-  its ``opt.step()``. SGD with weight decay takes the fused loss-and-gradients op and a
-  fused ``torch.optim.SGD`` step by step.
+  Python round trip per step. AdamW (and SGD with weight decay) runs the loop users
+  write, ``logits, loss = model(x, y)``, ``opt.zero_grad()``, ``loss.backward()``,
+  ``opt.step()`` with a fused ``torch.optim`` optimizer: on the fused model the forward is
+  one op that also computes the gradients, and the backward only hands them over.
 * **Reproducibility.** Parameters are drawn from ``torch.Generator().manual_seed(seed)``
   (the notebook's generator for the default seed 2147483647) and minibatches from a
   dedicated generator seeded from ``(seed, rank)``; nothing depends on global RNG state.
@@ -22,21 +21,46 @@ model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD a
   so ``--resume`` continues bitwise identically on CPU. Ctrl-C or SIGTERM stops after the
   current step (plain SGD and fused AdamW: the current chunk of steps, ~0.2 s) and writes a
   checkpoint first.
+* **One run, one directory, one writer.** The process that writes a run directory holds
+  its :class:`~charmlp.checkpoint.RunLock` from before its first write to its end, so a
+  second ``train`` or ``--resume`` on the same directory fails at once
+  (:class:`~charmlp.checkpoint.RunDirInUse`) instead of mixing two runs' files. Default
+  names (``runs/YYYYmmdd-HHMMSS-<random hex>``) are created exclusively, so runs started in
+  the same second get different directories. A write that fails (read-only or full disk)
+  is a :class:`~charmlp.checkpoint.WriteError` naming the path.
+* **Divergence.** A minibatch loss that is not finite, or so large that its perplexity
+  overflows a float (> 709.78 nats, where a uniform guess is ln(vocabulary size) ~ 3.3), or
+  parameters that stopped being finite, end the run with :class:`TrainingDiverged`. The
+  run directory stays consistent: the metrics up to that point, a checkpoint of the
+  diverged state (the previous checkpoint is kept as ``checkpoint-step<N>.pt``) and a
+  ``results.json`` whose ``diverged`` entry says where; its losses may be ``"inf"`` or
+  ``"nan"``.
 * **Distributed.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
   DistributedDataParallel (gloo on CPU, nccl on CUDA): every rank draws its own minibatches
   (its generator is seeded from its rank), gradients are averaged by DDP's all-reduce, and
-  rank 0 alone evaluates, logs and writes checkpoints. DDP needs the autograd path
-  (forward through the wrapped module, ``backward``, ``optimizer.step``), so plain SGD runs
-  as ``torch.optim.SGD`` there instead of the fused ``sgd_step``.
+  rank 0 alone evaluates, logs, holds the run directory's lock and writes checkpoints. DDP
+  needs the autograd path (forward through the wrapped module, ``backward``,
+  ``optimizer.step``), so plain SGD runs as ``torch.optim.SGD`` there instead of the fused
+  ``sgd_step``. Ctrl-C or SIGTERM, on any rank, stops every rank at the same step: the
+  ranks all-reduce a stop flag (with the divergence flag and the next chunk length) at
+  each chunk boundary, then rank 0 writes the checkpoint. Every collective has a timeout,
+  :data:`DIST_TIMEOUT_ENV` (``CHARMLP_DIST_TIMEOUT``, seconds, default
+  :data:`DIST_TIMEOUT_DEFAULT_S` = 60): a rank that died or was stopped ends the others
+  within that time instead of gloo's 30 minutes. Rank 0's evaluations, checkpoint writes
+  and final report run while the others wait in a collective, so a model whose evaluation
+  takes longer than that needs a larger value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import datetime
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -53,6 +77,8 @@ from . import ops
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
+    RunLock,
+    WriteError,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
@@ -66,6 +92,11 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "TrainingInterrupted",
+    "TrainingDiverged",
+    "PeerLost",
+    "DIST_TIMEOUT_ENV",
+    "DIST_TIMEOUT_DEFAULT_S",
+    "SEED_LIMIT",
     "train",
     "evaluate",
     "learning_rate",
@@ -90,6 +121,14 @@ RESUME_MUTABLE = frozenset({"steps", "threads", "device", "reference", "eval_eve
 METRICS_NAME = "metrics.csv"
 EVALS_NAME = "evals.csv"
 RESULTS_NAME = "results.json"
+#: Seeds are 0 <= seed < 2**63: torch.Generator.manual_seed takes a signed 64-bit value.
+SEED_LIMIT = 2**63
+#: Environment variable: seconds a torchrun rank waits in a collective for the others
+#: before the job fails (a dead or stopped peer).
+DIST_TIMEOUT_ENV = "CHARMLP_DIST_TIMEOUT"
+DIST_TIMEOUT_DEFAULT_S = 60.0
+#: Largest loss whose perplexity exp(loss) is a finite float; a run beyond it diverged.
+MAX_LOSS = math.log(sys.float_info.max)
 
 
 class ConfigError(ValueError):
@@ -103,6 +142,24 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at step {step:,}; checkpoint written to {run_dir}. "
                          f"Continue with: charmlp train --resume {run_dir}")
         self.step, self.run_dir = step, run_dir
+
+
+class PeerLost(RuntimeError):
+    """Under torchrun: another rank died, stopped, or did not answer within the timeout."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the parameters stopped being finite at ``step`` (0-based; ``loss`` is
+    its minibatch loss, None when only the parameters or another rank's loss show it).
+    The run directory holds the diverged state's checkpoint and results."""
+
+    def __init__(self, step: int, loss: float | None, lr: float, run_dir: Path | None,
+                 what: str = "loss", kept: Path | None = None):
+        found = f"loss {loss:.4g}" if loss is not None else what
+        super().__init__(f"training diverged at step {step:,} ({found}): the learning rate "
+                         f"{lr:g} is too high for this model; lower --lr"
+                         + (f" (the last good checkpoint is kept as {kept})" if kept else ""))
+        self.step, self.loss, self.lr, self.run_dir, self.kept = step, loss, lr, run_dir, kept
 
 
 # --------------------------------------------------------------------------- config
@@ -160,6 +217,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
+        if self.seed >= SEED_LIMIT:  # (torch generators take a signed 64-bit seed)
+            raise ConfigError(f"seed must be < 2**63, got {self.seed}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr-schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
         if self.init not in ("notebook", "default"):
@@ -256,11 +315,21 @@ def evaluate(model: MLPLanguageModel, X: torch.Tensor, Y: torch.Tensor,
 
 
 def loss_report(loss: float | None, examples: int) -> dict:
-    """A loss in nats with its perplexity and bits per character."""
+    """A loss in nats with its perplexity and bits per character.
+
+    The perplexity of a loss above :data:`MAX_LOSS` (a diverged model) is ``inf``, where
+    ``math.exp`` would raise OverflowError; a ``nan`` loss gives ``nan``.
+    """
     if loss is None:
         return {"loss": None, "perplexity": None, "bits_per_char": None, "examples": examples}
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2),
+    perplexity = math.exp(loss) if loss <= MAX_LOSS else (math.inf if loss > MAX_LOSS else math.nan)
+    return {"loss": loss, "perplexity": perplexity, "bits_per_char": loss / math.log(2),
             "examples": examples}
+
+
+def _diverged(loss: float) -> bool:
+    """A loss that is not finite, or whose perplexity is not (see :data:`MAX_LOSS`)."""
+    return not loss <= MAX_LOSS  # (also true for nan)
 
 
 def format_losses(reports: dict[str, dict]) -> str:
@@ -293,6 +362,32 @@ class _Dist:
         return self.rank == 0
 
 
+def _dist_timeout() -> datetime.timedelta:
+    """The collectives' timeout: ``$CHARMLP_DIST_TIMEOUT`` seconds, default 60.
+
+    torch's default (30 minutes for gloo) is how long a rank waits for a dead or stopped
+    peer; a minute is far more than any wait of a healthy run (rank 0's evaluations and
+    checkpoint writes, ~1 s at the lecture's size) and short enough to free the machines.
+    """
+    text = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not text:
+        return datetime.timedelta(seconds=DIST_TIMEOUT_DEFAULT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigError(f"{DIST_TIMEOUT_ENV} must be a number of seconds > 0, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _env_rank() -> int:
+    """This process's rank, known before the process group exists (torchrun sets RANK)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def _setup_distributed(device: str) -> _Dist:
     """Join the torchrun process group when ``WORLD_SIZE`` > 1 (or reuse an existing one)."""
     if dist.is_available() and dist.is_initialized():
@@ -301,10 +396,30 @@ def _setup_distributed(device: str) -> _Dist:
     if world <= 1:
         return _Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    timeout = _dist_timeout()
     if device == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
     return _Dist(rank, world, local_rank, owns_group=True)
+
+
+def _agree(d: _Dist, stop: bool, bad_step: float, chunk: int) -> tuple[bool, float, int]:
+    """What every rank does after a chunk, agreed: stop if any rank was signalled, the
+    earliest diverged step of any rank (``inf``: none), the smallest proposed chunk length.
+
+    Under DDP every rank must stop at the same step (a rank that left early would leave
+    the others waiting in the next step's gradient all-reduce) and take the same chunks
+    (this all-reduce must meet the others' at the same step). One MAX all-reduce of
+    ``(stop, -bad_step, -chunk)``.
+    """
+    if not d.enabled:
+        return stop, bad_step, chunk
+    t = torch.tensor([float(stop), -bad_step, -float(chunk)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    a, b, c = t.cpu().tolist()
+    return a > 0, -b, int(-c)
 
 
 def _teardown_distributed(d: _Dist) -> None:
@@ -429,18 +544,29 @@ class _RunFiles:
 class _StopRequest:
     """Turns the first Ctrl-C / SIGTERM into "stop after this step and checkpoint".
 
-    A second Ctrl-C raises KeyboardInterrupt at once. Only installed in the main thread
-    of a single-process run: under DDP every rank would have to agree on the stop step.
+    Single process: a second Ctrl-C raises KeyboardInterrupt at once. Under torchrun
+    (``distributed``) the handler stays for every further signal: torchrun forwards a
+    terminal's Ctrl-C to workers that the terminal already signalled, and that second
+    SIGINT must not abort the checkpoint; the ranks agree on the stop step at the next
+    chunk boundary (:func:`_agree`), and torchrun's own ``--shutdown-timeout`` (30 s) is
+    the hard stop. Only installed in the main thread (signals are delivered there).
     """
 
-    def __init__(self, enabled: bool, notify: Callable[[str], None]):
+    def __init__(self, enabled: bool, notify: Callable[[str], None], distributed: bool = False):
         self.requested = False
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.notify = notify
+        self.distributed = distributed
         self.previous: dict = {}
 
     def _handler(self, signum, frame):
+        first = not self.requested
         self.requested = True
+        if self.distributed:
+            if first:
+                self.notify(f"\n{signal.Signals(signum).name}: stopping every rank at the end of "
+                            f"the current chunk of steps and writing a checkpoint")
+            return
         for sig, prev in self.previous.items():
             signal.signal(sig, prev)
         self.previous = {}
@@ -542,14 +668,102 @@ def _check_device(cfg: TrainConfig) -> None:
                                   "rebuild with a CUDA torch and nvcc, or add --reference")
 
 
-def _new_run_dir(out: str | Path | None) -> Path:
-    if out is None:
-        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    out = Path(out)
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _run_suffix() -> str:
+    """Random, not the pid: pids repeat across the machines that may share a runs/ folder."""
+    return os.urandom(3).hex()
+
+
+def _default_run_dir() -> Path:
+    return Path("runs") / f"{_timestamp()}-{_run_suffix()}"
+
+
+def _check_writable_path(out: Path) -> None:
+    """A clear error, before any work, for ``--out`` that is, or lies under, a regular file."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == out else f"lies under {p}, which is a file"
+                raise WriteError(f"cannot write {out}: it {what}, not a directory")
+            return
+
+
+def _check_no_run(out: Path, locked: bool = False) -> None:
     if (out / CHECKPOINT_NAME).exists() or (out / RESULTS_NAME).exists():
+        if not locked:  # (a run still being written: say so, and by whom)
+            RunLock(out).check_free()
         raise ConfigError(f"{out} already holds a run; continue it with --resume {out} "
                           f"or choose another --out")
-    return out
+
+
+def _new_run_dir(out: str | Path | None) -> tuple[Path, bool]:
+    """The run directory to create (not yet created) and whether it is a default name."""
+    if out is None:
+        return _default_run_dir(), True
+    out = Path(out)
+    _check_writable_path(out)
+    _check_no_run(out)
+    return out, False
+
+
+def _resume_dir(resume: str | Path) -> Path:
+    """``--resume``'s run directory; ``RUN/checkpoint.pt`` is taken as ``RUN``.
+
+    Another file is refused: resuming writes next to the checkpoint, and a copied
+    checkpoint's directory is not its run's.
+    """
+    path = Path(resume)
+    if path.is_file():
+        if path.name != CHECKPOINT_NAME:
+            raise ConfigError(f"--resume takes a run directory, and {path} is a file; resume its "
+                              f"run with --resume DIR, where DIR holds it as {CHECKPOINT_NAME}")
+        return path.parent
+    return path
+
+
+def _create_run_dir(run_dir: Path, default_name: bool, say) -> Path:
+    """Create the run directory; a default name is created exclusively and redrawn if taken
+    (a run started in the same second by another process), so two runs never share one."""
+    if not default_name:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            taken, run_dir = run_dir, _default_run_dir()
+            say(f"run directory: {run_dir} ({taken} was taken)")
+    raise WriteError(f"cannot create a new run directory in {run_dir.parent}: every name tried exists")
+
+
+class _Ownership:
+    """Rank 0's hold on its run directory during one :func:`train` call: the lock
+    (released on exit) and the path, which write errors name."""
+
+    def __init__(self):
+        self.run_dir: Path | None = None
+        self._stack = contextlib.ExitStack()
+
+    def take(self, run_dir: Path, fresh: bool) -> None:
+        """Lock ``run_dir`` until exit. A fresh run checks again, under the lock, that no
+        run is there: another process may have written one since the first check, and
+        finished, releasing its lock."""
+        self.run_dir = run_dir
+        self._stack.enter_context(RunLock(run_dir))
+        if fresh:
+            _check_no_run(run_dir, locked=True)
+
+    def __enter__(self) -> "_Ownership":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stack.close()
+        return False
 
 
 def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MLPLanguageModel:
@@ -561,170 +775,126 @@ def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MLP
     return model.to(device)
 
 
-class DirectFusedAdamW:
-    """``opt.step()`` of a fused ``torch.optim.AdamW``, without torch.optim's Python.
-
-    ``AdamW(fused=True).step()`` is one ATen kernel, ``torch._fused_adamw_``, behind ~35 us
-    of Python on CPU (step hooks, the profiler annotation, regrouping the tensors by device
-    and dtype on every call): at the lecture's size more than charmlp's whole forward and
-    backward. Once the optimizer's state exists (its first step is an ordinary
-    ``opt.step()``, which creates it), calling this makes the calls ``_fused_adam`` would
-    make (steps += 1, then the kernel, with the group's hyper-parameters) on the same
-    tensors: bitwise the same update (``tests/test_train.py`` checks it against
-    ``opt.step()``). :meth:`applies` admits only the case it covers: one parameter group,
-    fused, no amsgrad/maximize/differentiable/capturable, float hyper-parameters, one device
-    and dtype, no step hooks, and a torch whose private op has the expected schema; anything
-    else keeps ``opt.step()``.
-    The state tensors are bound on the first direct call: call ``load_state_dict`` before.
-    """
-
-    _KERNEL_ARGS = ("self", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps",
-                    "lr", "beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize",
-                    "grad_scale", "found_inf")
-
-    @classmethod
-    def applies(cls, opt) -> bool:
-        if type(opt) is not torch.optim.AdamW or len(opt.param_groups) != 1:
-            return False
-        g = opt.param_groups[0]
-        if (not g.get("fused") or g.get("amsgrad") or g.get("maximize") or g.get("differentiable")
-                or g.get("capturable")
-                or any(isinstance(g.get(k), torch.Tensor) for k in ("lr", "weight_decay", "eps"))
-                or any(isinstance(b, torch.Tensor) for b in g.get("betas", ()))
-                or len({(p.device, p.dtype) for p in g["params"]}) != 1):  # (one kernel call)
-            return False
-        from torch.optim import optimizer as _optimizer
-
-        try:  # (private attributes: a torch without them gets opt.step())
-            hooks = (opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks,
-                     _optimizer._global_optimizer_pre_hooks, _optimizer._global_optimizer_post_hooks)
-            schema = torch.ops.aten._fused_adamw_.default._schema
-        except (AttributeError, RuntimeError):
-            return False
-        return not any(hooks) and tuple(a.name for a in schema.arguments) == cls._KERNEL_ARGS
-
-    def __init__(self, opt) -> None:
-        self.opt = opt
-        self._state = None  # (weights, exp_avgs, exp_avg_sqs, steps) once the state exists
-
-    def _bind(self) -> bool:
-        """Binds the state tensors once they exist; False before the first step."""
-        if self._state is None:
-            params = self.opt.param_groups[0]["params"]
-            if any(p not in self.opt.state for p in params):
-                return False
-            st = [self.opt.state[p] for p in params]  # (also a state loaded from a checkpoint)
-            self._state = ([p.detach() for p in params], [s["exp_avg"] for s in st],
-                           [s["exp_avg_sq"] for s in st], [s["step"] for s in st])
-        return True
-
-    def fits(self, model: MLPLanguageModel) -> bool:
-        """Whether :meth:`steps` can train ``model``: a fused model with a whole-model kernel
-        for its parameters, which are this optimizer's in the op's order."""
-        params = model._step_parameters()
-        return (model.fused and model._whole_model_kernel_available(params[0])
-                and len(self.opt.param_groups[0]["params"]) == len(params)
-                and all(a is b for a, b in zip(self.opt.param_groups[0]["params"], params)))
-
-    def steps(self, model, idx: torch.Tensor, targets: torch.Tensor, lrs: list[float]) -> list[float]:
-        """``K`` training steps of ``model`` (whose parameters this optimizer holds, in the
-        model's order) with learning rates ``lrs``: bitwise the loop of
-        ``model.forward_backward(idx[k], targets[k])`` and ``self()``, as one
-        ``mlp_adamw_steps`` op call (no Python per step). Returns the ``K`` losses; leaves
-        ``.grad`` unset and the group's lr at ``lrs[-1]``."""
-        if not self.fits(model):
-            raise ValueError("DirectFusedAdamW.steps: the optimizer must hold the fused model's "
-                             "parameters (table, weight1, bias1, weight2, bias2), in that order")
-        if idx.dim() != 3 or len(lrs) != idx.shape[0]:
-            raise ValueError(f"DirectFusedAdamW.steps: idx must be [K, B, T] with one lr per step, "
-                             f"got idx {tuple(idx.shape)} and {len(lrs)} lr(s)")
-        group = self.opt.param_groups[0]
-        losses: list[float] = []
-        if lrs and not self._bind():  # the first step creates the state, as torch does
-            group["lr"] = lrs[0]
-            losses.append(float(model.forward_backward(idx[0], targets[0])))
-            self.opt.step()
-            idx, targets, lrs = idx[1:], targets[1:], lrs[1:]
-            self._bind()
-        if lrs:
-            weights, exp_avgs, exp_avg_sqs, steps = self._state
-            beta1, beta2 = group["betas"]
-            with torch.no_grad():
-                out = ops.mlp_adamw_steps(idx, targets, weights, exp_avgs, exp_avg_sqs, steps, lrs,
-                                          beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                                          eps=group["eps"])
-            losses += out.tolist()
-            group["lr"] = lrs[-1]
-        for p in group["params"]:
-            p.grad = None
-        return losses
-
-    def __call__(self) -> None:
-        group = self.opt.param_groups[0]
-        params = group["params"]
-        if not self._bind():
-            self.opt.step()  # the first step creates the state, exactly as torch does
-            return
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            self.opt.step()
-            return
-        weights, exp_avgs, exp_avg_sqs, steps = self._state
-        beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1)
-        torch._fused_adamw_(weights, grads, exp_avgs, exp_avg_sqs, [], steps, lr=group["lr"],
-                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                            eps=group["eps"], amsgrad=False, maximize=False, grad_scale=None,
-                            found_inf=None)
-
-
 def train(cfg: TrainConfig | None, out: str | Path | None = None, *, resume: str | Path | None = None,
           overrides: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
           progress_stream=None) -> dict:
     """Train (or, with ``resume=RUN_DIR``, continue) a model; return the results dict.
 
     ``cfg`` is ignored when resuming: the run's saved config is used, with ``overrides``
-    (see :func:`resume_config`). Results are also written to ``RUN_DIR/results.json``.
-    Under torchrun, call it on every rank; only rank 0 prints and writes files.
+    (see :func:`resume_config`); ``resume`` may also name the run's ``checkpoint.pt``.
+    Results are also written to ``RUN_DIR/results.json``. The run directory is locked for
+    the whole call (:class:`~charmlp.checkpoint.RunDirInUse` if another process has it).
+    Under torchrun, call it on every rank; only rank 0 prints, locks and writes files.
     """
     wall0 = time.perf_counter()
-    ckpt = None
     if resume is None and cfg is None:
         raise TypeError("train() needs a TrainConfig, or resume=RUN_DIR")
+    with _Ownership() as own:
+        try:
+            return _train_in(cfg, out, resume, overrides, own, progress, log, progress_stream, wall0)
+        except OSError as e:  # a failed write (read-only or full disk): one line naming the path
+            if isinstance(e, (TimeoutError, ConnectionError)) or e.errno is None:
+                raise
+            where = own.run_dir or resume or out or "the run directory"
+            raise WriteError.from_os_error(e, where) from e
+
+
+def _train_in(cfg, out, resume, overrides, own: _Ownership, progress, log, progress_stream,
+              wall0) -> dict:
+    ckpt, default_name = None, False
     if resume is not None:
-        run_dir = Path(resume)
+        run_dir = _resume_dir(resume)
+        if _env_rank() == 0 and (run_dir / CHECKPOINT_NAME).is_file():
+            # Before reading the checkpoint: a live writer could replace it meanwhile. (Not in
+            # a directory without one: that is no run, and load_checkpoint says so.)
+            own.take(run_dir, fresh=False)
         ckpt = load_checkpoint(run_dir)
+        if isinstance(ckpt.get("diverged"), dict):
+            raise ConfigError(f"{run_dir}: the run diverged at step {ckpt['diverged'].get('step', '?'):,} "
+                              f"and would diverge again (a resumed run keeps its learning rate); "
+                              f"start a new run with a lower --lr")
         cfg = resume_config(ckpt["train_config"], overrides or {})
     cfg = cfg.resolved()
+    if resume is None:
+        run_dir, default_name = _new_run_dir(out)
     _check_device(cfg)
     d = _setup_distributed(cfg.device)
     try:
-        results = _train(cfg, out, ckpt, resume, d, progress, log, progress_stream, wall0)
-    except BaseException:
+        results = _train(cfg, run_dir, default_name, ckpt, d, own, progress, log,
+                         progress_stream, wall0)
+    except BaseException as e:
         # No barrier here: the other ranks may be blocked in a collective this rank will never
         # join. Leave the group and let the exception end the process; torchrun then stops
         # the other workers instead of everyone waiting for the collective timeout.
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+        if d.enabled and _is_peer_failure(e):
+            raise PeerLost(f"rank {d.rank}: lost contact with another rank ({_first_line(e)}); it "
+                           f"died or was stopped (a collective waits at most "
+                           f"{_dist_timeout().total_seconds():g} s, ${DIST_TIMEOUT_ENV})") from None
         raise
     _teardown_distributed(d)
     return results
 
 
-def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wall0) -> dict:
+#: Fragments of the errors gloo and nccl raise when a peer is gone or silent. Only the
+#: message depends on recognizing them: the job ends either way.
+_PEER_FAILURE_TEXT = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                      "Broken pipe", "NCCL communicator was aborted", "Socket Timeout")
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    if isinstance(e, (CheckpointError, WriteError)) or not isinstance(e, RuntimeError):
+        return False
+    return isinstance(e, dist.DistError) or any(t in str(e) for t in _PEER_FAILURE_TEXT)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split("] ", 1)[-1] if text.startswith("[") else text  # (drop gloo's source path)
+
+
+def _keep_last_good(run_dir: Path, good_step: int | None) -> Path | None:
+    """Keep the checkpoint at ``good_step`` as ``checkpoint-step<N>.pt`` before a diverged
+    state replaces ``checkpoint.pt`` (a hard link: no copy, and atomic)."""
+    src = run_dir / CHECKPOINT_NAME
+    if good_step is None or not src.exists():
+        return None
+    dst = run_dir / f"checkpoint-step{good_step}.pt"
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownership, progress, log,
+           progress_stream, wall0) -> dict:
     main = d.is_main
     say = (log or (lambda s: print(s, flush=True))) if main else (lambda s: None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda", d.local_rank) if cfg.device == "cuda" else torch.device("cpu")
-    run_dir = Path(resume) if resume is not None else _new_run_dir(out)
     if ckpt is not None and ckpt["world_size"] != d.world_size:
         raise CheckpointError(f"{run_dir}: the run was trained with {ckpt['world_size']} process(es); "
                               f"resume it with the same number (now {d.world_size})")
+    if ckpt is not None and d.enabled:
+        # Each rank read the checkpoint itself: all must have read the same one.
+        steps = [None] * d.world_size
+        dist.all_gather_object(steps, ckpt["step"])
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"{run_dir}: the ranks read different checkpoints (steps {steps}); "
+                                  f"was another process writing it? Resume again")
     say(f"run directory: {run_dir}" + (f" (resuming at step {ckpt['step']:,})" if ckpt else ""))
     data = _prepare_data(cfg, ckpt, say)
-    if main:  # only once the data is known to be good, so a bad --data leaves no empty run
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if main and ckpt is None:  # only once the data is known to be good, so a bad --data leaves no empty run
+        run_dir = _create_run_dir(run_dir, default_name, say)
+        own.take(run_dir, fresh=True)  # before anything is written there
+    if d.enabled:  # rank 0's directory (each rank drew its own default name) in every rank's messages
+        name = [str(run_dir)]
+        dist.broadcast_object_list(name, src=0)
+        run_dir = Path(name[0])
     Xtr, Ytr = (t.to(device) for t in data.tensors["train"])
     model = _build_model(cfg, data.vocab.size, device)
     nparams = sum(p.numel() for p in model.parameters())
@@ -765,13 +935,17 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         if step > cfg.steps:
             raise ConfigError(f"the run is already at step {step:,}, beyond --steps {cfg.steps:,}")
 
-    def checkpoint(at_step: int) -> None:
+    good_step = None if ckpt is None else ckpt["step"]  # of the last checkpoint written
+
+    def checkpoint(at_step: int, diverged: dict | None = None) -> None:
+        nonlocal good_step
         states = [gen.get_state()]
         if d.enabled:
             states = [None] * d.world_size
             dist.all_gather_object(states, gen.get_state())
         if main:
-            save_checkpoint(run_dir / CHECKPOINT_NAME, {
+            extra = {} if diverged is None else {"diverged": diverged}  # (resume refuses it)
+            save_checkpoint(run_dir / CHECKPOINT_NAME, {**extra,
                 "step": at_step,
                 "model": {"config": model.config(),
                           "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}},
@@ -784,6 +958,10 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
                 "world_size": d.world_size,
                 "train_time_s": float(train_time),
             })
+        if diverged is None:
+            good_step = at_step
+        if d.enabled:  # no rank leaves (it may exit next) before rank 0 has written it
+            dist.barrier()
 
     if main:
         config_doc = {"train_config": cfg.to_dict(), "model": model.config(), "parameters": nparams,
@@ -793,36 +971,21 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
         files = _RunFiles(run_dir, step)
     bar = Progress(cfg.steps, step, progress_stream, enabled=progress and main, start_time=train_time)
 
-    def autograd_step(xb, yb, lr):
+    def step_fn(xb, yb, lr):
+        # The loop users write: on the fused model, model(x, y) is one op computing the
+        # logits, the loss and the gradients, and backward() hands them over. Under DDP
+        # (net wraps the model) its hooks all-reduce the gradients as AccumulateGrad sets them.
         for group in opt.param_groups:
             group["lr"] = lr
-        _, loss = net(xb, yb, return_logits=False)
+        logits, loss = net(xb, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.detach()
 
-    # (after load_state_dict above: DirectFusedAdamW binds the state tensors on first use)
-    opt_step = None if opt is None else (
-        DirectFusedAdamW(opt) if DirectFusedAdamW.applies(opt) else opt.step)
-
-    def fused_grads_step(xb, yb, lr):  # one op for loss and gradients, no autograd graph
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = model.forward_backward(xb, yb)
-        opt_step()
-        return loss
-
-    # DDP reduces gradients from autograd hooks: it needs the autograd path.
-    # (Plain SGD without DDP runs whole chunks through model.sgd_steps below, and AdamW
-    # through DirectFusedAdamW.steps when the model is fused.)
-    step_fn = autograd_step if d.enabled else fused_grads_step
-    # (Not under DDP: the op trains this process's model alone, past DDP's all-reduce.)
-    fast_adamw = not d.enabled and isinstance(opt_step, DirectFusedAdamW) and opt_step.fits(model)
-    how = ("" if cfg.reference or d.enabled else
-           " (fused steps, a chunk per op call)" if fast_sgd else
-           " (fused loss and gradients + torch's fused AdamW update, a chunk per op call)" if fast_adamw
-           else " (fused loss and gradients, then fused torch.optim)")
+    how = ("" if cfg.reference else
+           " (fused steps, a chunk per op call)" if fast_sgd
+           else " (the fused model's one-op forward and backward, then fused torch.optim)")
     say(f"training: {cfg.steps:,} steps of batch {cfg.batch_size}"
         + (" per process" if d.enabled else "")
         + f", {cfg.optimizer}{how}, lr {cfg.lr_schedule} "
@@ -843,8 +1006,61 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
                 stop = min(stop, (s // every + 1) * every)
         return stop
 
+    def final_reports() -> dict:
+        model.eval()
+        return {name: loss_report(evaluate(model, X.to(device), Y.to(device), cfg.eval_batch_size),
+                                  X.shape[0])
+                for name, (X, Y) in data.tensors.items()}
+
+    def results_doc(reports: dict, samples: list, diverged: dict | None = None) -> dict:
+        doc = {
+            "run_dir": str(run_dir),
+            "steps": step,
+            "losses": reports,
+            "train_time_s": train_time,
+            "wall_time_s": time.perf_counter() - wall0,
+            "steps_per_s": step / train_time if train_time > 0 else None,
+            "examples_per_s": step * cfg.batch_size * d.world_size / train_time if train_time > 0 else None,
+            "world_size": d.world_size,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "fused": not cfg.reference,
+            "parameters": nparams,
+            "torch": torch.__version__,
+            "train_config": cfg.to_dict(),
+            "corpus": data.corpus,
+            "samples": [{"word": s.word, "in_train": s.in_train} for s in samples],
+        }
+        if diverged is not None:
+            doc["diverged"] = diverged
+        return doc
+
+    def end_diverged(at: int, loss: float | None, what: str, reports: dict | None = None):
+        """Leave a consistent run directory, then raise TrainingDiverged: the metrics so
+        far, a checkpoint of the diverged state at ``step`` (the last good one kept under
+        its step's name) and results.json with the losses (maybe inf/nan) and where.
+        ``reports``: the final evaluation, after the final checkpoint (rank 0 alone)."""
+        checkpointed = reports is not None
+        info = {"step": at, "loss": loss, "lr": last_lr, "what": what}
+        kept = None
+        if main:
+            files.flush()
+            if not checkpointed:
+                kept = _keep_last_good(run_dir, good_step)
+                info["kept_checkpoint"] = None if kept is None else str(kept)
+        if not checkpointed:
+            checkpoint(step, diverged=info)
+        if main:
+            files.close()
+            atomic_write_json(run_dir / RESULTS_NAME, results_doc(reports or final_reports(), [], info))
+            say(f"wrote {run_dir / RESULTS_NAME} (diverged at step {at:,})")
+        if d.enabled and not checkpointed:  # (checkpointed: rank 0 alone, after the loop)
+            dist.barrier()  # rank 0 has written everything before any rank exits
+        raise TrainingDiverged(at, loss, last_lr, run_dir, what, kept)
+
     model.train()
-    with _StopRequest(enabled=not d.enabled, notify=lambda m: (bar.clear(), say(m))) as stop:
+    with _StopRequest(enabled=True, notify=lambda m: (bar.clear(), say(m)),
+                      distributed=d.enabled) as stop:
         while step < cfg.steps:
             end = next_stop(step)
             k = end - step
@@ -854,19 +1070,18 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
             lrs, losses = [], []
             t0 = time.perf_counter()
             done = k
-            if fast_sgd or fast_adamw:
-                # The whole chunk in one op (mlp_sgd_steps / mlp_adamw_steps: the same steps,
+            if fast_sgd:
+                # The whole chunk in one op (mlp_sgd_steps: the same steps as sgd_step,
                 # bitwise, without a Python round trip each); a stop request is seen between
                 # chunks (~0.2 s).
                 if stop.requested:
                     done = 0
                 else:
                     lrs = [learning_rate(cfg, step + j) for j in range(k)]
-                    losses = (model.sgd_steps(xs, ys, lrs).tolist() if fast_sgd
-                              else opt_step.steps(model, xs, ys, lrs))
+                    losses = model.sgd_steps(xs, ys, lrs).tolist()
             else:
                 for j in range(k):
-                    if stop.requested:
+                    if stop.requested and not d.enabled:  # (under DDP: at the chunk's end, agreed)
                         done = j
                         break
                     lr = learning_rate(cfg, step + j)
@@ -884,21 +1099,28 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
                 draw_batches(gen, ntr, done, cfg.batch_size)
             if main:
                 files.log_steps(step, lrs, losses)
+            # Divergence: the first step whose loss diverged (see _diverged), or, when only
+            # the parameters overflowed, the chunk's last update (each loss is computed
+            # before its step's update).
+            bad = next((i for i, x in enumerate(losses) if _diverged(x)), None)
+            bad_step, bad_loss = (math.inf, None) if bad is None else (step + bad, losses[bad])
             step += done
             if lrs:
                 last_lr = lrs[-1]
             if done:
                 chunk = int(min(2000, max(16, done / max(elapsed, 1e-9) * 0.2)))
             bar.update(step, losses, last_lr, train_time)
-            # Divergence: a non-finite loss, or parameters that overflowed since (the loss is
-            # computed before each update). Stop before a broken checkpoint is written.
-            if (any(not math.isfinite(x) for x in losses)
-                    or not all(bool(torch.isfinite(p).all()) for p in model.parameters())):
+            if bad is None and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                bad_step = step - 1
+            local_bad = bad_step
+            stop_now, bad_step, chunk = _agree(d, stop.requested, bad_step, chunk)
+            if bad_step < math.inf:
                 bar.clear()
-                raise FloatingPointError(f"training diverged by step {step:,} (non-finite loss or "
-                                         f"parameters): the learning rate {last_lr:g} is too high "
-                                         f"for this model")
-            if stop.requested:
+                what = ("loss" if bad is not None and bad_step == local_bad
+                        else "parameters are no longer finite" if bad_step == local_bad
+                        else "a diverged loss on another rank")
+                end_diverged(int(bad_step), bad_loss if bad_step == local_bad else None, what)
+            if stop_now:
                 bar.clear()
                 if main:
                     files.flush()
@@ -925,39 +1147,17 @@ def _train(cfg, out, ckpt, resume, d: _Dist, progress, log, progress_stream, wal
 
     results = None
     if main:
-        model.eval()
-        reports = {}
-        for name, (X, Y) in data.tensors.items():
-            reports[name] = loss_report(evaluate(model, X.to(device), Y.to(device), cfg.eval_batch_size),
-                                        X.shape[0])
+        reports = final_reports()
         files.log_eval(step, reports["train"]["loss"], reports["dev"]["loss"])
-        files.close()
-        bad = [n for n, r in reports.items() if r["loss"] is not None and not math.isfinite(r["loss"])]
+        bad = [n for n, r in reports.items() if r["loss"] is not None and _diverged(r["loss"])]
         if bad:  # finite parameters can still overflow the logits
-            raise FloatingPointError(f"training diverged: the final {', '.join(bad)} loss is not "
-                                     f"finite; the learning rate {last_lr:g} is too high for this model")
+            end_diverged(step, None, f"the final {', '.join(bad)} loss is not finite", reports)
+        files.close()
         samples = sample_words(model, data.vocab, cfg.num_samples,
                                torch.Generator().manual_seed(cfg.seed + 10),
                                train_words=data.split.train)
-        wall = time.perf_counter() - wall0
-        results = {
-            "run_dir": str(run_dir),
-            "steps": step,
-            "losses": reports,
-            "train_time_s": train_time,
-            "wall_time_s": wall,
-            "steps_per_s": step / train_time if train_time > 0 else None,
-            "examples_per_s": step * cfg.batch_size * d.world_size / train_time if train_time > 0 else None,
-            "world_size": d.world_size,
-            "threads": torch.get_num_threads(),
-            "device": str(device),
-            "fused": not cfg.reference,
-            "parameters": nparams,
-            "torch": torch.__version__,
-            "train_config": cfg.to_dict(),
-            "corpus": data.corpus,
-            "samples": [{"word": s.word, "in_train": s.in_train} for s in samples],
-        }
+        results = results_doc(reports, samples)
+        wall = results["wall_time_s"]
         atomic_write_json(run_dir / RESULTS_NAME, results)
         atomic_write_text(run_dir / "samples.txt", "".join(s.word + "\n" for s in samples))
         say("final losses (nats per character):")

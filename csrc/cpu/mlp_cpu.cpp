@@ -105,9 +105,9 @@ bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_
   // A fresh table each call: clearing it is O(V^T) <= O(128 B), and measured faster than
   // keeping one between calls (a freshly cleared table is cache resident).
   std::vector<int32_t> slot(static_cast<size_t>(keys), -1);
+  std::vector<int64_t> first_row;
   std::vector<int32_t>& row_context = ctx.row_context;
   row_context.resize(static_cast<size_t>(B));
-  std::vector<int64_t> first_row;
   for (int64_t b = 0; b < B; ++b) {
     int64_t key = 0;
     for (int64_t j = 0; j < Tn; ++j) key = key * V + idx[b * Tn + j];
@@ -128,8 +128,21 @@ bool group_contexts(const int64_t* idx, const int64_t* target, int64_t B, int64_
   for (int64_t u = 0; u < U; ++u) {
     std::copy_n(idx + first_row[u] * Tn, Tn, ctx.idx.data() + u * Tn);
   }
-  // Counted in integers, converted once: a float32 `+= 1` stops counting at 2^24 (one
-  // context repeated 2^25 times would weigh half as much as it should).
+  // Counts up to B: exact in T when T holds every integer to B (float32 to 2^24). Past
+  // that a float32 `+= 1` stops counting (one context repeated 2^25 times would weigh half
+  // as much as it should), so such batches count in integers and convert once.
+  const bool exact_in_t = B <= (int64_t{1} << std::numeric_limits<T>::digits);
+  if (exact_in_t) {
+    ctx.rows.assign(static_cast<size_t>(U), T(0));
+    ctx.targets.assign(static_cast<size_t>(U * V), T(0));
+    for (int64_t b = 0; b < B; ++b) {
+      if (target[b] == kIgnoreIndex) continue;
+      const int64_t u = row_context[static_cast<size_t>(b)];
+      ctx.rows[u] += T(1);
+      ctx.targets[u * V + target[b]] += T(1);
+    }
+    return true;
+  }
   std::vector<int64_t> rows(static_cast<size_t>(U), 0), targets(static_cast<size_t>(U * V), 0);
   for (int64_t b = 0; b < B; ++b) {
     if (target[b] == kIgnoreIndex) continue;
@@ -181,8 +194,9 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
   const int64_t TE = Tn * E, Vp = padded_cols<T>(V);
   // Grouped, the loop runs on distinct contexts: their logits [U, V] first, then each
   // row copies its context's.
-  std::vector<T> context_logits(logits_out && ctx ? static_cast<size_t>(ctx->U * V) : 0);
-  T* loop_logits_out = ctx ? context_logits.data() : logits_out;
+  T* context_logits =
+      logits_out && ctx ? thread_scratch<T>(Scratch::kSharedE, ctx->U * V) : nullptr;
+  T* loop_logits_out = ctx ? context_logits : logits_out;
   T* W1t = thread_scratch<T>(Scratch::kSharedA, TE * H);  // [T*E, H]
   transpose_into(W1, H, TE, W1t, H);
   T* P = nullptr;  // [T, V, H]
@@ -271,7 +285,7 @@ T mlp_loss_impl(const int64_t* idx, const int64_t* target, const DistinctContext
     const int32_t* row_context = ctx->row_context.data();
     at::parallel_for(0, B, 1024, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        std::copy_n(context_logits.data() + row_context[b] * V, V, logits_out + b * V);
+        std::copy_n(context_logits + row_context[b] * V, V, logits_out + b * V);
       }
     });
   }

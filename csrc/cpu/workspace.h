@@ -22,6 +22,7 @@ enum class Scratch : int {
   kSharedB,       // caller: second shared operand (e.g. P)
   kSharedC,       // caller: third shared operand (e.g. W2^T)
   kSharedD,       // caller: reduced gradients
+  kSharedE,       // caller: the distinct contexts' logits (written by the workers)
   kChunkA,        // worker: chunk activations
   kChunkB,        // worker: chunk gradients
   kChunkC,        // worker: chunk logits and row statistics

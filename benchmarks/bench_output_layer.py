@@ -4,7 +4,8 @@
     python benchmarks/bench_output_layer.py [--sizes lecture-32,lecture-full] [--quick]
 
 Op-level arms on the same hidden states h [B, H], weight [V, H], bias [V], targets [B]:
-``torch`` = F.cross_entropy(F.linear(h, W, b), y); ``charmlp-ce`` = charmlp.ops.cross_entropy
+``torch`` = F.cross_entropy(F.linear(h, W, b), y); ``torch-lce`` = torch's own
+F.linear_cross_entropy(h, W, y, linear_bias=b) (torch >= 2.13); ``charmlp-ce`` = charmlp.ops.cross_entropy
 after F.linear; ``charmlp-lce`` = charmlp.ops.linear_cross_entropy(h, W, b, y) (logits never
 stored). Each is gated (loss and the gradients of h, W, b against float64), then forward
 (under ``torch.no_grad()``: the loss alone) and forward+backward are timed interleaved; the peak memory of forward+backward is measured like
@@ -32,6 +33,10 @@ DEFAULT_SIZES = "lecture-32,lecture-4096,lecture-full,large-4096"
 
 def _arms():
     arms = {"torch": (lambda h, W, b, y: F.cross_entropy(F.linear(h, W, b), y), "")}
+    # torch's own fused op (torch >= 2.13: chunked, pure PyTorch), the first thing a user compares against
+    tlce = getattr(F, "linear_cross_entropy", None)
+    arms["torch-lce"] = ((lambda h, W, b, y: tlce(h, W, y, linear_bias=b)) if tlce else None,
+                         "" if tlce else "this torch has no F.linear_cross_entropy")
     ce = getattr(charmlp.ops, "cross_entropy", None)
     arms["charmlp-ce"] = ((lambda h, W, b, y: ce(F.linear(h, W, b), y)) if ce else None,
                           "" if ce else "charmlp.ops.cross_entropy is missing")

@@ -11,6 +11,7 @@
 
 #include "cpu/context_grouping.h"
 #include "cpu/embed_algorithm.h"
+#include "cpu/output_gemm.h"
 
 #ifndef CHARMLP_TORCH_VERSION
 #error "CMake must define CHARMLP_TORCH_VERSION"
@@ -71,6 +72,28 @@ void set_embed_algorithm(const std::string& name) {
   }
 }
 
+void set_output_gemm(const std::string& name) {
+  using charmlp::OutputGemm;
+  if (name == "auto") {
+    charmlp::set_output_gemm(OutputGemm::kAuto);
+  } else if (name == "small") {
+    charmlp::set_output_gemm(OutputGemm::kSmall);
+  } else if (name == "aten") {
+    charmlp::set_output_gemm(OutputGemm::kAten);
+  } else {
+    throw py::value_error("charmlp: output GEMM must be 'auto', 'small' or 'aten', got '" + name +
+                          "'");
+  }
+}
+
+std::string get_output_gemm() {
+  switch (charmlp::get_output_gemm()) {
+    case charmlp::OutputGemm::kSmall: return "small";
+    case charmlp::OutputGemm::kAten: return "aten";
+    default: return "auto";
+  }
+}
+
 std::string get_embed_algorithm() {
   switch (charmlp::get_embed_algorithm()) {
     case charmlp::EmbedAlgorithm::kDirect: return "direct";
@@ -91,4 +114,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_context_grouping", &charmlp::set_context_grouping,
         "Switch the CPU mlp_sgd_step's grouping of rows by context on (default) or off.");
   m.def("_get_context_grouping", &charmlp::get_context_grouping);
+  m.def("_set_output_gemm", &set_output_gemm,
+        "Force the CPU linear_cross_entropy GEMMs: 'auto' (by head size), 'small' (the fused "
+        "chunk loop) or 'aten' (row blocks through ATen's GEMMs).");
+  m.def("_get_output_gemm", &get_output_gemm);
 }

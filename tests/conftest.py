@@ -36,6 +36,14 @@ def embed_algorithm(request):
     _C._set_embed_algorithm("auto")
 
 
+@pytest.fixture(params=["auto", "small", "aten"])
+def output_gemm(request):
+    """Runs a test under each CPU linear_cross_entropy GEMM path, restoring 'auto' after."""
+    _C._set_output_gemm(request.param)
+    yield request.param
+    _C._set_output_gemm("auto")
+
+
 @pytest.fixture(params=[True, False], ids=["grouped", "ungrouped"])
 def context_grouping(request):
     """Runs a test with the CPU whole-model kernels' context grouping on and off (restored after)."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import charmlp
 from charmlp import ops
 from conftest import assert_close
 
@@ -37,7 +38,7 @@ def _run(fn, x, w, b, t, **kw):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference(shape, reduction, bias):
+def test_matches_reference(shape, reduction, bias, output_gemm):
     x, w, b, t = _inputs(*shape, bias=bias)
     loss, grads = _run(ops.linear_cross_entropy, x, w, b, t, reduction=reduction)
     ref, ref_grads = _run(reference, x, w, b, t, reduction=reduction)
@@ -48,9 +49,33 @@ def test_matches_reference(shape, reduction, bias):
         assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+# Word-level heads: the blocked ATen-GEMM path by default; (200, 8, 100_000) takes three
+# row blocks (80 + 80 + 40 rows: ~8 M logits each), so blocks accumulate into dW and db.
+@pytest.mark.parametrize("shape", [(70, 64, 5000), (200, 8, 100_000)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_word_level_heads_match_reference(shape, reduction):
+    assert charmlp._C._get_output_gemm() == "auto"
+    x, w, b, t = _inputs(*shape)
+    loss, grads = _run(ops.linear_cross_entropy, x, w, b, t, reduction=reduction, label_smoothing=0.05)
+    ref, ref_grads = _run(reference, x, w, b, t, reduction=reduction, label_smoothing=0.05)
+    assert_close(loss, ref)
+    for got, want in zip(grads, ref_grads):
+        # grad_input sums V = 100,000 float32 terms: both orders are ~1e-4 off.
+        assert_close(got, want, rtol=1e-4, atol=2e-4)
+    with torch.no_grad():
+        assert_close(ops.linear_cross_entropy(x, w, b, t, reduction=reduction, label_smoothing=0.05),
+                     ref.detach())
+
+
+def test_output_gemm_switch_is_validated():
+    with pytest.raises(ValueError, match="'auto', 'small' or 'aten'"):
+        charmlp._C._set_output_gemm("mkl")
+    assert charmlp._C._get_output_gemm() == "auto"
+
+
 @pytest.mark.parametrize("label_smoothing", [0.1, 1.0])
 @pytest.mark.parametrize("ignore_index", [-100, 3])
-def test_label_smoothing_and_ignore_index(label_smoothing, ignore_index):
+def test_label_smoothing_and_ignore_index(label_smoothing, ignore_index, output_gemm):
     x, w, b, t = _inputs(50, 20, 9, ignore_frac=0.0)
     t[::4] = ignore_index
     kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing)
@@ -61,7 +86,7 @@ def test_label_smoothing_and_ignore_index(label_smoothing, ignore_index):
         assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_all_ignored_and_empty():
+def test_all_ignored_and_empty(output_gemm):
     x, w, b, t = _inputs(5, 8, 6)
     t[:] = -100
     loss, grads = _run(ops.linear_cross_entropy, x, w, b, t)
@@ -72,7 +97,7 @@ def test_all_ignored_and_empty():
         assert_close(ops.linear_cross_entropy(x, w, b, t, reduction=red), reference(x, w, b, t, reduction=red), equal_nan=True)
 
 
-def test_large_logits_are_stable():
+def test_large_logits_are_stable(output_gemm):
     x, w, b, t = _inputs(32, 16, 27, ignore_frac=0.0)
     with torch.no_grad():
         x.mul_(1e3)  # logits of order 1e3-1e4
@@ -125,8 +150,9 @@ def test_torch_compile_fullgraph():
         assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_deterministic_run_to_run():
-    x, w, b, t = _inputs(3000, 200, 27)
+@pytest.mark.parametrize("shape", [(3000, 200, 27), (300, 64, 5000)], ids=["small-gemm", "aten-gemm"])
+def test_deterministic_run_to_run(shape):
+    x, w, b, t = _inputs(*shape)
     first = _run(ops.linear_cross_entropy, x, w, b, t)
     for _ in range(2):
         again = _run(ops.linear_cross_entropy, x, w, b, t)

@@ -219,3 +219,34 @@ def test_the_loop_trains_like_the_plain_model(optimizer, names_path):
     torch.testing.assert_close(fused[:100], plain[:100], rtol=5e-3, atol=1e-3)
     torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.01)
     torch.testing.assert_close(fused[-100:].mean(), plain[-100:].mean(), rtol=0, atol=0.01)
+
+
+def test_word_level_head_takes_the_layer_ops_and_matches():
+    """Past _WHOLE_MODEL_MAX_HEAD (V * H) the CPU model runs embed_linear_tanh and the
+    blocked linear_cross_entropy / F.linear + cross_entropy instead of the whole-model op
+    (which would be slower than plain PyTorch there); same numbers as fused=False."""
+    torch.manual_seed(0)
+    Vw, Tw, Ew, Hw = 2000, 3, 8, 40  # 80,000 weights in the head
+    fused = charmlp.MLPLanguageModel(Vw, Tw, Ew, Hw, dtype=torch.float64)
+    plain = charmlp.MLPLanguageModel(Vw, Tw, Ew, Hw, fused=False, dtype=torch.float64)
+    plain.load_state_dict(fused.state_dict())
+    assert not fused._whole_model_kernel_available(fused.head.weight)
+    assert charmlp.MLPLanguageModel(V, T, E, H)._whole_model_kernel_available(fused.head.weight.float())
+    x = torch.randint(0, Vw, (50, Tw))
+    y = torch.randint(0, Vw, (50,))
+    for kw in ({}, {"return_logits": False}):
+        fused.zero_grad()
+        plain.zero_grad()
+        lf, Lf = fused(x, y, **kw)
+        lp, Lp = plain(x, y, **kw)
+        torch.testing.assert_close(Lf, Lp)
+        if lf is not None:
+            torch.testing.assert_close(lf, lp)
+        Lf.backward()
+        Lp.backward()
+        _assert_grads_equal(fused, plain)
+    torch.testing.assert_close(fused.forward_backward(x, y), plain.forward_backward(x, y))
+    _assert_grads_equal(fused, plain)
+    torch.testing.assert_close(fused.sgd_step(x, y, 0.1), plain.sgd_step(x, y, 0.1))
+    for a, b in zip(fused.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)

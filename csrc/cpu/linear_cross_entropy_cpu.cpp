@@ -15,24 +15,43 @@
 // (csrc/autograd.cpp) uses it whenever a gradient is needed and the loss is a
 // scalar; reduction 'none' keeps the recompute backward (its scales come later).
 //
-// Speed limit: GEMMs of 2*B*H*V flops through small_gemm.h (logits, dW,
-// grad_input; a fourth, the recompute, in the two-pass backward); the row
-// softmax is a few percent at V = 27.
+// Speed limit: GEMMs of 2*B*H*V flops (logits, dW, grad_input; a fourth, the
+// recompute, in the two-pass backward); the row softmax is a few percent at V = 27.
+// Small heads run them through small_gemm.h inside the chunk loop; large ones (word
+// vocabularies) through ATen's GEMMs on row blocks (output_gemm.h says which and why).
+//
+// Blocked path (large V * H): rows in blocks of Bc, with Bc * V ~ 8 M logits (32 MB of
+// float32), so the [B, V] logits and their gradient never exist whole: peak extra memory
+// is one block, next to grad_weight [V, H], which any backward allocates.
+//   logits_blk = input_blk @ W^T + b     at::addmm_out into the block buffer [Bc, Vp]
+//   lse, loss, dlogits per row           softmax_xent_row.h, rows in parallel
+//   dW += dlogits_blk^T input_blk        at::addmm_ into grad_weight
+//   db += colsum(dlogits_blk),  grad_input_blk = dlogits_blk @ W   (at::mm_out)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <optional>
 #include <type_traits>
 
 #include "checks.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
+#include "cpu/output_gemm.h"
 #include "cpu/output_layer.h"
 
 namespace charmlp {
+
+namespace {
+std::atomic<int> g_output_gemm{static_cast<int>(OutputGemm::kAuto)};
+}  // namespace
+
+void set_output_gemm(OutputGemm gemm) { g_output_gemm.store(static_cast<int>(gemm)); }
+OutputGemm get_output_gemm() { return static_cast<OutputGemm>(g_output_gemm.load()); }
 
 namespace {
 
@@ -106,6 +125,74 @@ void gradient_impl(const Inputs& in, std::conditional_t<kWithForward, T*, const 
   std::copy_n(sum + V * H, V, grad_bias);
 }
 
+// Rows per block of the blocked path: ~8 M logits (32 MB of float32), a multiple of the
+// row kernels' 16. Each block re-reads and re-writes grad_weight [V, H] in its dW GEMM, so
+// blocks must be tall: at V = 32,000, H = 512, blocks of 64 rows made that traffic (16
+// passes over 62.5 MB) the whole cost, 1.5x slower than PyTorch's one [B, V] GEMM; blocks
+// of 256 rows pass over it 4 times at B = 1,024.
+int64_t block_rows(int64_t B, int64_t V) {
+  const int64_t rows = std::max<int64_t>(64, ((int64_t{1} << 23) / std::max<int64_t>(V, 1)) / 16 * 16);
+  return std::min(rows, std::max<int64_t>(B, 1));
+}
+
+// The blocked path. Mode kForward: lse and loss. kGradWithForward: lse, loss and the
+// gradients (scale known up front). kGradFromLse: the gradients from the forward's lse.
+enum class BlockedMode { kForward, kGradWithForward, kGradFromLse };
+
+template <typename T, BlockedMode kMode>
+void blocked_impl(const Inputs& in,
+                  std::conditional_t<kMode == BlockedMode::kGradFromLse, const T*, T*> lse,
+                  T* loss, const T* scale, int64_t ignore_index,
+                  T eps, at::Tensor grad_input, at::Tensor grad_weight, at::Tensor grad_bias) {
+  constexpr bool kGrad = kMode != BlockedMode::kForward;
+  const int64_t B = in.input.size(0), V = in.weight.size(0), Vp = padded_cols<T>(V);
+  const int64_t Bc = block_rows(B, V);
+  const int64_t* tgt = in.target.const_data_ptr<int64_t>();
+  at::Tensor buffer = at::empty({Bc, Vp}, in.input.options());
+  if constexpr (kGrad) {
+    if (B == 0) {
+      grad_weight.zero_();
+      grad_bias.zero_();
+    }
+  }
+  const at::Tensor Wt = in.weight.t();
+  for (int64_t r0 = 0; r0 < B; r0 += Bc) {
+    const int64_t n = std::min(Bc, B - r0);
+    const at::Tensor x = in.input.narrow(0, r0, n);
+    at::Tensor logits = buffer.narrow(0, 0, n).narrow(1, 0, V);  // [n, V], row stride Vp
+    if (in.bias.defined()) {
+      at::addmm_out(logits, in.bias, x, Wt);
+    } else {
+      at::mm_out(logits, x, Wt);
+    }
+    T* L = buffer.mutable_data_ptr<T>();
+    // Rows are independent: blocks of the row kernels' lane count, in parallel.
+    at::parallel_for(0, n, 16, [&](int64_t a, int64_t b) {
+      const int64_t r = r0 + a;
+      if constexpr (kMode == BlockedMode::kForward) {
+        output_loss_rows<T>(b - a, V, L + a * Vp, tgt + r, ignore_index, eps, lse + r, loss + r);
+      } else if constexpr (kMode == BlockedMode::kGradWithForward) {
+        output_loss_and_dlogits<T>(b - a, V, L + a * Vp, tgt + r, ignore_index, eps, scale + r,
+                                   lse + r, loss + r);
+      } else {
+        output_dlogits<T>(b - a, V, L + a * Vp, tgt + r, ignore_index, eps, lse + r, scale + r);
+      }
+    });
+    if constexpr (kGrad) {
+      const at::Tensor& dlogits = logits;
+      if (r0 == 0) {  // the first block writes (no pass over grad_weight to zero it first)
+        at::mm_out(grad_weight, dlogits.t(), x);
+        at::sum_out(grad_bias, dlogits, 0);
+      } else {
+        grad_weight.addmm_(dlogits.t(), x);
+        grad_bias.add_(dlogits.sum(0));
+      }
+      at::Tensor gi = grad_input.narrow(0, r0, n);
+      at::mm_out(gi, dlogits, in.weight);
+    }
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
@@ -116,9 +203,16 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
   const int64_t B = input.size(0);
   at::Tensor lse = at::empty({B}, in.input.options());
   at::Tensor row_loss = at::empty({B}, in.input.options());
+  const bool aten = use_aten_gemm(weight.size(0), input.size(1));
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_cpu", [&] {
-    forward_impl<scalar_t>(in, ignore_index, static_cast<scalar_t>(label_smoothing),
-                           lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>());
+    const auto eps = static_cast<scalar_t>(label_smoothing);
+    scalar_t* l = lse.mutable_data_ptr<scalar_t>();
+    scalar_t* rl = row_loss.mutable_data_ptr<scalar_t>();
+    if (aten) {
+      blocked_impl<scalar_t, BlockedMode::kForward>(in, l, rl, nullptr, ignore_index, eps, {}, {}, {});
+    } else {
+      forward_impl<scalar_t>(in, ignore_index, eps, l, rl);
+    }
   });
   const int64_t count = mean_count_cpu(in.target, reduction, ignore_index);
   return {reduce_row_losses(row_loss, reduction, count, input.scalar_type()), lse};
@@ -141,7 +235,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
   at::Tensor grad_weight = at::empty({V, H}, in.input.options());
   at::Tensor grad_bias = at::empty({V}, in.input.options());
+  const bool aten = use_aten_gemm(V, H);
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
+    if (aten) {
+      blocked_impl<scalar_t, BlockedMode::kGradFromLse>(
+          in, lse_c.const_data_ptr<scalar_t>(), nullptr,
+          scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+          grad_input, grad_weight, grad_bias);
+      return;
+    }
     gradient_impl<scalar_t, false>(
         in, lse_c.const_data_ptr<scalar_t>(), nullptr,
         scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
@@ -170,7 +272,15 @@ linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& we
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
   at::Tensor grad_weight = at::empty({V, H}, in.input.options());
   at::Tensor grad_bias = at::empty({V}, in.input.options());
+  const bool aten = use_aten_gemm(V, H);
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_and_grads_cpu", [&] {
+    if (aten) {
+      blocked_impl<scalar_t, BlockedMode::kGradWithForward>(
+          in, lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>(),
+          scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+          grad_input, grad_weight, grad_bias);
+      return;
+    }
     gradient_impl<scalar_t, true>(
         in, lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>(),
         scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),

@@ -31,6 +31,10 @@ _mlp_cross_entropy = torch.ops.charmlp.mlp_cross_entropy.default
 _mlp_logits_cross_entropy = torch.ops.charmlp.mlp_logits_cross_entropy.default
 _mlp_cross_entropy_and_grads = torch.ops.charmlp.mlp_cross_entropy_and_grads.default
 _WHOLE_MODEL_KERNELS: dict = {}
+# Largest output-layer weight (V * H) for which the CPU whole-model ops are the fast path
+# (see MLPLanguageModel._whole_model_kernel_available): the lecture's is 5,400, the wide
+# benchmark model's (H = 1,024) 27,648.
+_WHOLE_MODEL_MAX_HEAD = 1 << 16
 
 
 # A constant for torch.compile: the dispatcher query is not traceable, and its answer
@@ -169,6 +173,7 @@ class MLPLanguageModel(nn.Module):
                 if return_logits:
                     return _mlp_logits_cross_entropy(idx, targets, *params)
                 return None, _mlp_cross_entropy(idx, targets, *params)
+            # (other dtypes, or a word-level head: the layer ops)
             if not return_logits:
                 h = self.hidden_states(idx)
                 return None, ops.linear_cross_entropy(h, self.head.weight, self.head.bias, targets)
@@ -191,10 +196,17 @@ class MLPLanguageModel(nn.Module):
         e, h = embed._parameters, head._parameters
         return e["table"], e["weight"], e["bias"], h["weight"], h["bias"]
 
-    @staticmethod
-    def _whole_model_kernel_available(p: Tensor) -> bool:
+    def _whole_model_kernel_available(self, p: Tensor) -> bool:
         """Whether the whole-model ops (mlp_cross_entropy, mlp_sgd_step(s)) have a kernel for
-        parameters like p (its device and dtype)."""
+        parameters like p (its device and dtype) and are the faster path for this model.
+
+        On CPU their output layer is the fused chunk loop of small GEMMs, which wins for a
+        character-level head and loses to BLAS for a word-level one (V = 16,383, H = 100:
+        3x slower than plain PyTorch at B = 32): past ``_WHOLE_MODEL_MAX_HEAD`` weights the
+        model runs its layer ops instead (``linear_cross_entropy`` switches to ATen's GEMMs).
+        """
+        if p.device.type == "cpu" and self.vocab_size * self.hidden > _WHOLE_MODEL_MAX_HEAD:
+            return False
         return _whole_model_kernels(p.device.type, p.dtype)
 
     def forward_backward(self, idx: Tensor, targets: Tensor) -> Tensor:

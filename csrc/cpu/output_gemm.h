@@ -1,0 +1,40 @@
+// Which GEMMs the CPU linear_cross_entropy kernels use, and why.
+//
+// small:  the fused chunk loop of output_layer.h: 64-row chunks, logits in a cache-resident
+//         buffer, the register-blocked small_gemm.h. No call overhead per chunk, so it wins
+//         for the character model's head (V = 27: a [64, 200] @ [200, 32] block is a few
+//         microseconds) and wherever V * H is small.
+// aten:   row blocks of ~8 MB of logits, the three GEMMs through ATen (at::addmm / mm_out:
+//         MKL or oneDNN underneath, cache-blocked and multithreaded); only the row softmax
+//         is charmlp's. For word-level heads (V in the tens of thousands, H in the hundreds)
+//         small_gemm re-reads the whole [V, H] weight for every 64-row chunk from memory,
+//         where a BLAS GEMM blocks it for cache: 3x slower at V = 32,000, H = 512.
+#pragma once
+
+#include <cstdint>
+
+namespace charmlp {
+
+enum class OutputGemm : int { kAuto = 0, kSmall = 1, kAten = 2 };
+
+// Process-wide override for tests and benchmarks (charmlp._C._set_output_gemm).
+void set_output_gemm(OutputGemm gemm);
+OutputGemm get_output_gemm();
+
+// The weight is V * H elements. Measured forward + backward (2 threads, B = 32 and 4,096):
+// at the lecture's head (200 x 27 = 5,400) the two paths tie; from ~16 K on ATen's wins
+// (1.2x at 1,024 x 27, 1.4-2.6x at V = 1,024, 2-7x at V >= 16,383), except at large
+// batches of a narrow head (H = 64, V = 1,024: 0.75x, still 2.4x PyTorch's composition).
+// The small-GEMM loop re-reads the whole weight for every 64-row chunk; BLAS blocks it.
+constexpr int64_t kAtenGemmMinWeight = int64_t{1} << 14;
+
+inline bool use_aten_gemm(int64_t V, int64_t H) {
+  switch (get_output_gemm()) {
+    case OutputGemm::kSmall: return false;
+    case OutputGemm::kAten: return true;
+    case OutputGemm::kAuto: break;
+  }
+  return V * H >= kAtenGemmMinWeight;
+}
+
+}  // namespace charmlp

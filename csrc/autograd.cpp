@@ -529,15 +529,21 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
   return {out[0], out[1]};
 }
 
+// Whether autograd must record: grad mode on and a parameter that requires grad.
+bool needs_any_grad(std::initializer_list<at::Tensor> params) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor& p : params) {
+    if (p.requires_grad()) return true;
+  }
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor> mlp_logits_cross_entropy_autograd(
     const at::Tensor& idx, const at::Tensor& target, const at::Tensor& table,
     const at::Tensor& weight1, const at::Tensor& bias1, const at::Tensor& weight2,
     const at::Tensor& bias2) {
   check_no_forward_ad("mlp_logits_cross_entropy", {table, weight1, bias1, weight2, bias2});
-  const bool needs_grad =
-      at::GradMode::is_enabled() && (table.requires_grad() || weight1.requires_grad() ||
-                                     bias1.requires_grad() || weight2.requires_grad() ||
-                                     bias2.requires_grad());
+  const bool needs_grad = needs_any_grad({table, weight1, bias1, weight2, bias2});
   if (needs_grad) {
     auto out =
         MlpLogitsCrossEntropyFunction::apply(idx, target, table, weight1, bias1, weight2, bias2);
@@ -557,10 +563,7 @@ at::Tensor mlp_cross_entropy_autograd(const at::Tensor& idx, const at::Tensor& t
                                       const at::Tensor& bias1, const at::Tensor& weight2,
                                       const at::Tensor& bias2) {
   check_no_forward_ad("mlp_cross_entropy", {table, weight1, bias1, weight2, bias2});
-  const bool needs_grad =
-      at::GradMode::is_enabled() && (table.requires_grad() || weight1.requires_grad() ||
-                                     bias1.requires_grad() || weight2.requires_grad() ||
-                                     bias2.requires_grad());
+  const bool needs_grad = needs_any_grad({table, weight1, bias1, weight2, bias2});
   if (needs_grad) {
     return MlpCrossEntropyFunction::apply(idx, target, table, weight1, bias1, weight2, bias2);
   }

@@ -15,7 +15,9 @@ namespace charmlp {
 // after checking that every value lies in [0, bound) or equals `allowed`.
 inline at::Tensor checked_indices_cpu(const at::Tensor& idx, int64_t bound, const char* name,
                                       std::optional<int64_t> allowed = std::nullopt) {
-  at::Tensor out = idx.to(at::kLong).contiguous();
+  // (The common case, contiguous int64 already, skips the dispatcher call of .to().)
+  at::Tensor out =
+      idx.scalar_type() == at::kLong ? idx.contiguous() : idx.to(at::kLong).contiguous();
   const int64_t* p = out.const_data_ptr<int64_t>();
   const int64_t skip = allowed.value_or(-1);
   const bool has_skip = allowed.has_value();

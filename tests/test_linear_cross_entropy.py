@@ -67,6 +67,27 @@ def test_word_level_heads_match_reference(shape, reduction):
                      ref.detach())
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("lead", [(4, 5), (2, 3, 4), (6,)], ids=str)
+def test_leading_dimensions_are_flattened(reduction, lead):
+    """[*, H] hidden states with [*] targets, as a sequence model calls its head."""
+    x, w, b, t = _inputs(int(torch.tensor(lead).prod()), 12, 9)
+    xs = x.detach().reshape(*lead, 12).requires_grad_()
+    ts = t.reshape(lead)
+    loss, grads = _run(ops.linear_cross_entropy, xs, w, b, ts, reduction=reduction)
+    ref, ref_grads = _run(lambda *a, **k: F.cross_entropy(F.linear(a[0], a[1], a[2]).flatten(0, -2), a[3].flatten(),
+                                                          **k).reshape(loss.shape),
+                          xs, w, b, ts, reduction=reduction)
+    assert loss.shape == (lead if reduction == "none" else ())
+    assert_close(loss, ref)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if len(lead) > 1:
+        with pytest.raises(ValueError, match="leading shape"):
+            ops.linear_cross_entropy(xs, w, b, t)
+
+
 def test_output_gemm_switch_is_validated():
     with pytest.raises(ValueError, match="'auto', 'small' or 'aten'"):
         charmlp._C._set_output_gemm("mkl")

@@ -188,10 +188,12 @@ def linear_cross_entropy(
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without storing logits.
 
     Args:
-        input: ``[B, H]`` hidden states.
+        input: ``[*, H]`` hidden states (``[B, H]``, or ``[B, T, H]`` from a sequence model:
+            the leading dimensions are flattened, as ``F.linear`` treats them).
         weight: ``[V, H]`` output projection (``nn.Linear`` layout).
         bias: ``[V]`` or None.
-        target: int64 (or int32) ``[B]`` class indices in ``[0, V)`` or ``ignore_index``.
+        target: int64 (or int32) ``[*]`` class indices in ``[0, V)`` or ``ignore_index``,
+            input's leading shape; ``reduction='none'`` returns a loss of that shape.
 
     Logits are never stored. With ``'mean'`` or ``'sum'`` and a gradient to compute, the
     forward computes the gradients of input, weight and bias in the same pass (one GEMM
@@ -200,10 +202,19 @@ def linear_cross_entropy(
     each chunk of logits. A backward with ``create_graph=True`` is differentiable (double
     backward is exact); forward-mode AD raises ``NotImplementedError``.
     """
+    lead = None
+    if input.dim() > 2:
+        if tuple(target.shape) != tuple(input.shape[:-1]):
+            raise ValueError(
+                f"charmlp: target must have input's leading shape {tuple(input.shape[:-1])}, "
+                f"got {tuple(target.shape)}"
+            )
+        lead = target.shape
+        input, target = input.reshape(-1, input.shape[-1]), target.reshape(-1)
     loss, _lse = torch.ops.charmlp.linear_cross_entropy.default(
         input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
     )
-    return loss
+    return loss if lead is None or loss.dim() == 0 else loss.reshape(lead)
 
 
 @torch.library.register_fake("charmlp::linear_cross_entropy")

@@ -514,7 +514,7 @@ class CharmlpArm(Arm):
     label = "charmlp"
     description = (
         "`charmlp.MLPLanguageModel(fused=True)`: forward `_, loss = m(idx, targets, return_logits=False)` (the "
-        "training loop's form: the whole model as one `mlp_cross_entropy` op; under grad its forward also computes "
+        "logits-free form: the whole model as one `mlp_cross_entropy` op; under grad its forward also computes "
         "the five parameter gradients, so the backward column is only their hand-over to `.grad`: compare "
         "forward + backward), backward `loss.backward()` (charmlp's registered autograd), step "
         "`m.sgd_step(idx, targets, lr)`."
@@ -531,7 +531,7 @@ class CharmlpArm(Arm):
         self.lr = lr
         self.m = charmlp.MLPLanguageModel(size.V, size.T, size.E, size.H, fused=True, device=idx.device)
         self.load(params)
-        # the training loop's form of the forward: loss only, logits never materialized
+        # the logits-free form of the forward: loss only, logits never materialized
         self.fkw = {"return_logits": False} if "return_logits" in inspect.signature(self.m.forward).parameters else {}
 
     def _tensors(self):

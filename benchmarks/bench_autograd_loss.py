@@ -14,7 +14,7 @@ on names.txt batches, three ways to get the loss and the gradients:
 - plain PyTorch: the lecture's code (embedding index, two F.linear, tanh, F.cross_entropy);
 - charmlp layer ops: ``ops.embed_linear_tanh`` then ``ops.linear_cross_entropy`` (what the
   model ran before ``mlp_cross_entropy``; still its path for dtypes without a whole-model kernel);
-- charmlp ``mlp_cross_entropy``: the model's training form;
+- charmlp ``mlp_cross_entropy``: the model's logits-free form (``return_logits=False``);
 - charmlp ``forward_backward``: ``MLPLanguageModel.forward_backward``, the same op's loss and
   gradients assigned to ``.grad`` without autograd (what ``charmlp train`` runs for AdamW).
 

@@ -364,6 +364,14 @@ struct LinearCrossEntropyGradsInForwardFunction
   }
 };
 
+// The whole-model ops' five gradients from their saved inputs (idx, target, table, W1, b1,
+// W2, b2), for a second backward through a retained graph.
+std::vector<at::Tensor> recompute_mlp_grads(const variable_list& in) {
+  auto [loss, g0, g1, g2, g3, g4] =
+      mlp_cross_entropy_and_grads_op().call(in[0], in[1], in[2], in[3], in[4], in[5], in[6]);
+  return {g0, g1, g2, g3, g4};
+}
+
 // mlp_cross_entropy: the forward computes the loss and all five parameter gradients
 // in one pass (mlp_cross_entropy_and_grads) and stashes the gradients; the backward
 // hands them over, scaled by grad_loss. The saved gradients are parameter-sized, smaller than
@@ -384,11 +392,7 @@ struct MlpCrossEntropyFunction : public torch::autograd::Function<MlpCrossEntrop
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto g = take_scaled_gradients(
         ctx, grads[0], "mlp_cross_entropy", "plain PyTorch ops (MLPLanguageModel(fused=False))",
-        [](const variable_list& in) -> std::vector<at::Tensor> {
-          auto [loss, g0, g1, g2, g3, g4] = mlp_cross_entropy_and_grads_op().call(
-              in[0], in[1], in[2], in[3], in[4], in[5], in[6]);
-          return {g0, g1, g2, g3, g4};
-        });
+        recompute_mlp_grads);
     return {at::Tensor(), at::Tensor(), g[0], g[1], g[2], g[3], g[4]};
   }
 };
@@ -425,17 +429,12 @@ struct MlpLogitsCrossEntropyFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& grad_logits = grads[0];
     const at::Tensor& grad_loss = grads[1];
-    const auto saved = ctx->get_saved_variables();
     std::vector<at::Tensor> g;
     if (grad_loss.defined()) {
       g = take_scaled_gradients(
           ctx, grad_loss, "the model's forward (mlp_logits_cross_entropy)",
           "plain PyTorch ops (MLPLanguageModel(fused=False))",
-          [](const variable_list& in) -> std::vector<at::Tensor> {
-            auto [loss, g0, g1, g2, g3, g4] = mlp_cross_entropy_and_grads_op().call(
-                in[0], in[1], in[2], in[3], in[4], in[5], in[6]);
-            return {g0, g1, g2, g3, g4};
-          });
+          recompute_mlp_grads);
     } else {
       TORCH_CHECK(!at::GradMode::is_enabled(), "charmlp: the model's forward "
                   "(mlp_logits_cross_entropy) does not support double backward "
@@ -443,7 +442,7 @@ struct MlpLogitsCrossEntropyFunction
       ctx->saved_data.erase("grads");
     }
     if (grad_logits.defined()) {
-      add_logits_gradient(grad_logits, saved, g);
+      add_logits_gradient(grad_logits, ctx->get_saved_variables(), g);
     }
     if (g.empty()) return variable_list(7);
     return {at::Tensor(), at::Tensor(), g[0], g[1], g[2], g[3], g[4]};
@@ -579,57 +578,46 @@ at::Tensor mlp_cross_entropy_autograd(const at::Tensor& idx, const at::Tensor& t
 // grad mode is on (model.sgd_step and charmlp train call them under no_grad). Then they
 // bump the parameters' version counters, as any in-place op does, so a graph that saved
 // a parameter before the step raises at its backward instead of using the new values.
-void check_in_place_update(const char* op, at::TensorList params,
-                           std::initializer_list<const char*> names) {
-  if (!at::GradMode::is_enabled()) return;
-  auto name = names.begin();
-  for (const at::Tensor& p : params) {
-    const char* param_name = name != names.end() ? *name++ : "params";
-    TORCH_CHECK(!p.requires_grad(), "charmlp: ", op, " updates ", param_name,
-                " in place, but it requires grad and grad mode is on; call it under "
-                "torch.no_grad()");
-  }
-}
+using StepParams = std::array<at::Tensor, 5>;  // table, weight1, bias1, weight2, bias2
 
-void bump_versions(at::TensorList tensors) {
-  for (const at::Tensor& t : tensors) torch::autograd::impl::bump_version(t);
+template <typename Step>
+at::Tensor update_in_place(const char* op, const StepParams& params, Step step) {
+  static constexpr const char* kNames[] = {"table", "weight1", "bias1", "weight2", "bias2"};
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(!(at::GradMode::is_enabled() && params[i].requires_grad()), "charmlp: ", op,
+                " updates ", kNames[i], " in place, but it requires grad and grad mode is on; "
+                "call it under torch.no_grad()");
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = step();
+  }
+  for (const at::Tensor& p : params) torch::autograd::impl::bump_version(p);
+  return out;
 }
 
 at::Tensor mlp_sgd_step_autograd(const at::Tensor& idx, const at::Tensor& target,
-                                 at::Tensor& table, at::Tensor& weight1,
-                                 at::Tensor& bias1, at::Tensor& weight2,
-                                 at::Tensor& bias2, double lr) {
-  const std::array<at::Tensor, 5> params = {table, weight1, bias1, weight2, bias2};
-  check_in_place_update("mlp_sgd_step", params,
-                        {"table", "weight1", "bias1", "weight2", "bias2"});
-  at::Tensor loss;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
-                                          at::Tensor&, at::Tensor&, at::Tensor&, double)>("charmlp::mlp_sgd_step");
-    loss = op.call(idx, target, table, weight1, bias1, weight2, bias2, lr);
-  }
-  bump_versions(params);
-  return loss;
+                                 at::Tensor& table, at::Tensor& weight1, at::Tensor& bias1,
+                                 at::Tensor& weight2, at::Tensor& bias2, double lr) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                        at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                        double)>("charmlp::mlp_sgd_step");
+  return update_in_place("mlp_sgd_step", {table, weight1, bias1, weight2, bias2}, [&] {
+    return op.call(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  });
 }
 
 at::Tensor mlp_sgd_steps_autograd(const at::Tensor& idx, const at::Tensor& target,
-                                  at::Tensor& table, at::Tensor& weight1,
-                                  at::Tensor& bias1, at::Tensor& weight2,
-                                  at::Tensor& bias2, c10::ArrayRef<double> lr) {
-  const std::array<at::Tensor, 5> params = {table, weight1, bias1, weight2, bias2};
-  check_in_place_update("mlp_sgd_steps", params,
-                        {"table", "weight1", "bias1", "weight2", "bias2"});
-  at::Tensor losses;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op =
-        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
-                             at::Tensor&, at::Tensor&, at::Tensor&, c10::ArrayRef<double>)>("charmlp::mlp_sgd_steps");
-    losses = op.call(idx, target, table, weight1, bias1, weight2, bias2, lr);
-  }
-  bump_versions(params);
-  return losses;
+                                  at::Tensor& table, at::Tensor& weight1, at::Tensor& bias1,
+                                  at::Tensor& weight2, at::Tensor& bias2,
+                                  c10::ArrayRef<double> lr) {
+  static auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                        at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                        c10::ArrayRef<double>)>("charmlp::mlp_sgd_steps");
+  return update_in_place("mlp_sgd_steps", {table, weight1, bias1, weight2, bias2}, [&] {
+    return op.call(idx, target, table, weight1, bias1, weight2, bias2, lr);
+  });
 }
 
 }  // namespace

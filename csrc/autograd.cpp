@@ -29,21 +29,34 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The options every cross-entropy node keeps for its backward.
+// The options every cross-entropy node keeps for its backward. The class weights are
+// a constant of the loss (no gradient, as in F.cross_entropy), kept as an option.
 struct LossOptions {
   int64_t reduction, ignore_index;
   double label_smoothing;
+  std::optional<at::Tensor> weight;
 };
 
 void save_loss_options(AutogradContext* ctx, const LossOptions& o) {
   ctx->saved_data["reduction"] = o.reduction;
   ctx->saved_data["ignore_index"] = o.ignore_index;
   ctx->saved_data["label_smoothing"] = o.label_smoothing;
+  ctx->saved_data["weight"] = o.weight;
 }
 
 LossOptions loss_options(AutogradContext* ctx) {
   return {ctx->saved_data["reduction"].toInt(), ctx->saved_data["ignore_index"].toInt(),
-          ctx->saved_data["label_smoothing"].toDouble()};
+          ctx->saved_data["label_smoothing"].toDouble(),
+          ctx->saved_data["weight"].toOptional<at::Tensor>()};
+}
+
+// F.cross_entropy has no derivative for its class weights; neither do these ops, and a
+// weight that asks for one gets an error rather than a silent None.
+void check_no_weight_grad(const char* op, const std::optional<at::Tensor>& weight) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !(weight && weight->requires_grad() && at::GradMode::is_enabled()), "charmlp: ", op,
+      " has no gradient with respect to its class weights (like F.cross_entropy); pass "
+      "weight.detach()");
 }
 
 // Forward-mode AD (torch.func.jvp/jacfwd, torch.autograd.forward_ad) would need a jvp
@@ -62,21 +75,36 @@ void check_no_forward_ad(const char* op, std::initializer_list<at::Tensor> input
 // dloss/dlogits of a cross-entropy as differentiable ATen ops, for a backward that builds
 // a graph (create_graph=True): the fused kernels' gradients are constants to autograd,
 // so a double backward goes through this formula instead. grad_rows [B] is each row's
-// gradient scale (grad_loss, divided by the count for a mean); ignored rows get 0.
-//   dloss/dx[b, v] = grad_rows[b] * (softmax(x[b])[v] - (1 - eps) [v == t_b] - eps / V)
+// gradient scale (grad_loss, divided by the count, or the targets' total class weight,
+// for a mean); ignored rows get 0. With class weights w (1 without), r_b = w[t_b]:
+//   dloss/dx[b, v] = grad_rows[b] * (a_b softmax(x[b])[v] - (1 - eps) r_b [v == t_b]
+//                                    - (eps / V) w_v),   a_b = (1 - eps) r_b + (eps / V) sum w
 at::Tensor differentiable_grad_logits(const at::Tensor& logits, const at::Tensor& target,
                                       const at::Tensor& grad_loss, const LossOptions& o) {
   const int64_t V = logits.size(1);
+  const double eps = o.label_smoothing;
   const at::Tensor counted = target.ne(o.ignore_index);
-  at::Tensor grad_rows = grad_loss * counted.to(logits.scalar_type());
-  if (o.reduction == at::Reduction::Mean) {
-    grad_rows = grad_rows / std::max<int64_t>(counted.sum().item<int64_t>(), 1);
-  }
   const at::Tensor safe_target = target.masked_fill(counted.logical_not(), 0).to(at::kLong);
-  at::Tensor target_dist =
-      at::zeros_like(logits).scatter_(1, safe_target.unsqueeze(1), 1.0 - o.label_smoothing);
-  if (o.label_smoothing != 0.0) target_dist = target_dist + o.label_smoothing / V;
-  return (at::softmax(logits, 1) - target_dist) * grad_rows.unsqueeze(1);
+  const at::Tensor hit = at::zeros_like(logits).scatter_(1, safe_target.unsqueeze(1), 1.0);
+  at::Tensor grad_rows = grad_loss * counted.to(logits.scalar_type());
+  at::Tensor p = at::softmax(logits, 1), target_dist;
+  if (o.weight) {
+    const at::Tensor w = o.weight->to(logits.scalar_type());
+    const at::Tensor r = w.index_select(0, safe_target) * counted.to(logits.scalar_type());
+    if (o.reduction == at::Reduction::Mean) {
+      const at::Tensor total = r.sum();
+      grad_rows = at::where(total != 0, grad_rows / total, at::zeros_like(grad_rows));
+    }
+    p = p * (r * (1.0 - eps) + w.sum() * (eps / V)).unsqueeze(1);
+    target_dist = hit * (r * (1.0 - eps)).unsqueeze(1) + w * (eps / V);
+  } else {
+    if (o.reduction == at::Reduction::Mean) {
+      grad_rows = grad_rows / std::max<int64_t>(counted.sum().item<int64_t>(), 1);
+    }
+    target_dist = hit * (1.0 - eps);
+    if (eps != 0.0) target_dist = target_dist + eps / V;
+  }
+  return (p - target_dist) * grad_rows.unsqueeze(1);
 }
 
 // The gradients of linear_cross_entropy (logits = input @ weight^T + bias) from the
@@ -91,7 +119,8 @@ std::vector<at::Tensor> differentiable_linear_cross_entropy_grads(
 
 // The *_and_grads ops, called by the autograd forwards and, for a second backward, again.
 using CrossEntropyAndGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, int64_t, int64_t, double);
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+    const std::optional<at::Tensor>&);
 c10::TypedOperatorHandle<CrossEntropyAndGrads>& cross_entropy_and_grads_op() {
   static auto op = op_handle<CrossEntropyAndGrads>("charmlp::cross_entropy_and_grads");
   return op;
@@ -100,7 +129,7 @@ c10::TypedOperatorHandle<CrossEntropyAndGrads>& cross_entropy_and_grads_op() {
 using LinearCrossEntropyAndGrads =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-        int64_t, int64_t, double);
+        int64_t, int64_t, double, const std::optional<at::Tensor>&);
 c10::TypedOperatorHandle<LinearCrossEntropyAndGrads>& linear_cross_entropy_and_grads_op() {
   static auto op = op_handle<LinearCrossEntropyAndGrads>("charmlp::linear_cross_entropy_and_grads");
   return op;
@@ -204,17 +233,19 @@ std::vector<at::Tensor> take_scaled_gradients(AutogradContext* ctx, const at::Te
 }
 
 // cross_entropy: saves logits, target and the per-row log-sum-exp (never the softmax).
+using CrossEntropyOp = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                           int64_t, int64_t, double,
+                                                           const std::optional<at::Tensor>&);
+
 struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
                                const at::Tensor& target, int64_t reduction, int64_t ignore_index,
-                               double label_smoothing) {
+                               double label_smoothing, const std::optional<at::Tensor>& weight) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op =
-        op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
-                                                      int64_t, double)>("charmlp::cross_entropy");
-    auto [loss, lse] = op.call(logits, target, reduction, ignore_index, label_smoothing);
+    static auto op = op_handle<CrossEntropyOp>("charmlp::cross_entropy");
+    auto [loss, lse] = op.call(logits, target, reduction, ignore_index, label_smoothing, weight);
     ctx->save_for_backward({logits, target, lse});
-    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing, weight});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -222,16 +253,16 @@ struct CrossEntropyFunction : public torch::autograd::Function<CrossEntropyFunct
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op =
         op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, int64_t, int64_t, double)>(
-            "charmlp::cross_entropy_backward");
+                             const at::Tensor&, int64_t, int64_t, double,
+                             const std::optional<at::Tensor>&)>("charmlp::cross_entropy_backward");
     const auto saved = ctx->get_saved_variables();
     const LossOptions o = loss_options(ctx);
     at::Tensor grad_logits =
         at::GradMode::is_enabled()  // create_graph=True
             ? differentiable_grad_logits(saved[0], saved[1], grads[0], o)
             : op.call(grads[0], saved[0], saved[1], saved[2], o.reduction, o.ignore_index,
-                      o.label_smoothing);
-    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                      o.label_smoothing, o.weight);
+    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -243,13 +274,13 @@ struct CrossEntropyGradsInForwardFunction
     : public torch::autograd::Function<CrossEntropyGradsInForwardFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
                                const at::Tensor& target, int64_t reduction, int64_t ignore_index,
-                               double label_smoothing) {
+                               double label_smoothing, const std::optional<at::Tensor>& weight) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, lse, grad_logits] = cross_entropy_and_grads_op().call(
-        logits, target, reduction, ignore_index, label_smoothing);
+        logits, target, reduction, ignore_index, label_smoothing, weight);
     stash_gradients(ctx, {grad_logits});
     ctx->save_for_backward({logits, target});  // for a second backward only
-    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing, weight});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -259,18 +290,22 @@ struct CrossEntropyGradsInForwardFunction
       ctx->saved_data.erase("grads");
       const auto saved = ctx->get_saved_variables();
       return {differentiable_grad_logits(saved[0], saved[1], grads[0], loss_options(ctx)),
-              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const auto g = take_scaled_gradients(
         ctx, grads[0], "cross_entropy (mean or sum)", "F.cross_entropy",
         [ctx](const variable_list& in) -> std::vector<at::Tensor> {
           const LossOptions o = loss_options(ctx);
           return {std::get<2>(cross_entropy_and_grads_op().call(
-              in[0], in[1], o.reduction, o.ignore_index, o.label_smoothing))};
+              in[0], in[1], o.reduction, o.ignore_index, o.label_smoothing, o.weight))};
         });
-    return {g[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {g[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+using LinearCrossEntropyOp = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    int64_t, int64_t, double, const std::optional<at::Tensor>&);
 
 // linear_cross_entropy: saves input, weight, bias, target and lse; the backward
 // recomputes the logits chunk by chunk.
@@ -279,16 +314,15 @@ struct LinearCrossEntropyFunction
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& target, int64_t reduction, int64_t ignore_index,
-                               double label_smoothing) {
+                               double label_smoothing,
+                               const std::optional<at::Tensor>& class_weight) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-        int64_t, int64_t, double)>("charmlp::linear_cross_entropy");
-    auto [loss, lse] =
-        op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing);
+    static auto op = op_handle<LinearCrossEntropyOp>("charmlp::linear_cross_entropy");
+    auto [loss, lse] = op.call(input, weight, bias, target, reduction, ignore_index,
+                               label_smoothing, class_weight);
     ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()), target, lse});
     ctx->saved_data["has_bias"] = bias.has_value();
-    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing, class_weight});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -296,8 +330,8 @@ struct LinearCrossEntropyFunction
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-        const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>(
-        "charmlp::linear_cross_entropy_backward");
+        const at::Tensor&, const at::Tensor&, int64_t, int64_t, double,
+        const std::optional<at::Tensor>&)>("charmlp::linear_cross_entropy_backward");
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::optional<at::Tensor> bias =
@@ -306,14 +340,15 @@ struct LinearCrossEntropyFunction
     if (at::GradMode::is_enabled()) {  // create_graph=True
       auto g = differentiable_linear_cross_entropy_grads(saved[0], saved[1], bias, saved[3],
                                                          grads[0], o);
-      return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {g[0],         g[1],         g[2],         at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     auto [grad_input, grad_weight, grad_bias] =
         op.call(grads[0], saved[0], saved[1], bias, saved[3], saved[4], o.reduction,
-                o.ignore_index, o.label_smoothing);
+                o.ignore_index, o.label_smoothing, o.weight);
     return {grad_input,   grad_weight,  has_bias ? grad_bias : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -328,14 +363,15 @@ struct LinearCrossEntropyGradsInForwardFunction
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const at::Tensor& target, int64_t reduction, int64_t ignore_index,
-                               double label_smoothing) {
+                               double label_smoothing,
+                               const std::optional<at::Tensor>& class_weight) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, lse, grad_input, grad_weight, grad_bias] = linear_cross_entropy_and_grads_op().call(
-        input, weight, bias, target, reduction, ignore_index, label_smoothing);
+        input, weight, bias, target, reduction, ignore_index, label_smoothing, class_weight);
     stash_gradients(ctx, {grad_input, grad_weight, grad_bias});
     ctx->save_for_backward({input, weight, bias.value_or(at::Tensor()), target});
     ctx->saved_data["has_bias"] = bias.has_value();
-    save_loss_options(ctx, {reduction, ignore_index, label_smoothing});
+    save_loss_options(ctx, {reduction, ignore_index, label_smoothing, class_weight});
     ctx->mark_non_differentiable({lse});
     return {loss, lse};
   }
@@ -348,7 +384,8 @@ struct LinearCrossEntropyGradsInForwardFunction
       auto g = differentiable_linear_cross_entropy_grads(
           in[0], in[1], has_bias ? std::optional<at::Tensor>(in[2]) : std::nullopt, in[3],
           grads[0], loss_options(ctx));
-      return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {g[0],         g[1],         g[2],         at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const auto g = take_scaled_gradients(
         ctx, grads[0], "linear_cross_entropy (mean or sum)", "F.linear and F.cross_entropy",
@@ -356,11 +393,11 @@ struct LinearCrossEntropyGradsInForwardFunction
           const LossOptions o = loss_options(ctx);
           auto out = linear_cross_entropy_and_grads_op().call(
               in[0], in[1], has_bias ? std::optional<at::Tensor>(in[2]) : std::nullopt, in[3],
-              o.reduction, o.ignore_index, o.label_smoothing);
+              o.reduction, o.ignore_index, o.label_smoothing, o.weight);
           return {std::get<2>(out), std::get<3>(out), std::get<4>(out)};
         });
     return {g[0],         g[1],         has_bias ? g[2] : at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(),         at::Tensor()};
   }
 };
 
@@ -486,20 +523,20 @@ at::Tensor embed_linear_tanh_autograd(const at::Tensor& idx, const at::Tensor& t
 std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logits,
                                                           const at::Tensor& target,
                                                           int64_t reduction, int64_t ignore_index,
-                                                          double label_smoothing) {
+                                                          double label_smoothing,
+                                                          const std::optional<at::Tensor>& weight) {
   check_no_forward_ad("cross_entropy", {logits});
+  check_no_weight_grad("cross_entropy", weight);
   if (!(at::GradMode::is_enabled() && logits.requires_grad())) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op =
-        op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
-                                                      int64_t, double)>("charmlp::cross_entropy");
-    return op.call(logits, target, reduction, ignore_index, label_smoothing);
+    static auto op = op_handle<CrossEntropyOp>("charmlp::cross_entropy");
+    return op.call(logits, target, reduction, ignore_index, label_smoothing, weight);
   }
   auto out = reduction == at::Reduction::None
                  ? CrossEntropyFunction::apply(logits, target, reduction, ignore_index,
-                                               label_smoothing)
+                                               label_smoothing, weight)
                  : CrossEntropyGradsInForwardFunction::apply(logits, target, reduction,
-                                                             ignore_index, label_smoothing);
+                                                             ignore_index, label_smoothing, weight);
   return {out[0], out[1]};
 }
 
@@ -508,23 +545,25 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_autograd(const at::Tensor& logi
 // scales arrive only with the backward).
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_autograd(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& class_weight) {
   check_no_forward_ad("linear_cross_entropy", {input, weight, bias.value_or(at::Tensor())});
+  check_no_weight_grad("linear_cross_entropy", class_weight);
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (input.requires_grad() || weight.requires_grad() || (bias && bias->requires_grad()));
   if (!needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-        int64_t, int64_t, double)>("charmlp::linear_cross_entropy");
-    return op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing);
+    static auto op = op_handle<LinearCrossEntropyOp>("charmlp::linear_cross_entropy");
+    return op.call(input, weight, bias, target, reduction, ignore_index, label_smoothing,
+                   class_weight);
   }
   auto out = reduction == at::Reduction::None
                  ? LinearCrossEntropyFunction::apply(input, weight, bias, target, reduction,
-                                                     ignore_index, label_smoothing)
-                 : LinearCrossEntropyGradsInForwardFunction::apply(
-                       input, weight, bias, target, reduction, ignore_index, label_smoothing);
+                                                     ignore_index, label_smoothing, class_weight)
+                 : LinearCrossEntropyGradsInForwardFunction::apply(input, weight, bias, target,
+                                                                   reduction, ignore_index,
+                                                                   label_smoothing, class_weight);
   return {out[0], out[1]};
 }
 

@@ -23,41 +23,45 @@ TORCH_LIBRARY(charmlp, m) {
 
   // Softmax cross-entropy with class-index targets (F.cross_entropy semantics).
   // logits [B, V], target [B] -> loss ([] or [B] for reduction none), lse [B] (float32/64).
-  // reduction: 0 none, 1 mean, 2 sum (ATen's at::Reduction codes).
+  // reduction: 0 none, 1 mean, 2 sum (ATen's at::Reduction codes). weight: class weights
+  // [V] (F.cross_entropy's weight=, its weighted mean); csrc/class_weight.h has the math.
+  // In the linear_cross_entropy ops the class weights are class_weight (weight is the
+  // projection).
   m.def(
       "cross_entropy(Tensor logits, Tensor target, int reduction, int ignore_index, "
-      "float label_smoothing) -> (Tensor, Tensor)");
+      "float label_smoothing, Tensor? weight=None) -> (Tensor, Tensor)");
   // One pass: grad_logits = scale * (exp(logits - lse) - (1 - eps) * onehot - eps / V).
   m.def(
       "cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, "
-      "int reduction, int ignore_index, float label_smoothing) -> Tensor");
+      "int reduction, int ignore_index, float label_smoothing, Tensor? weight=None) -> Tensor");
 
   // The same loss (reduction mean or sum) and its gradient in one pass: what the autograd
   // forward calls when a gradient is needed. -> loss [], lse [B], grad_logits [B, V]
   m.def(
       "cross_entropy_and_grads(Tensor logits, Tensor target, int reduction, int ignore_index, "
-      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, Tensor? weight=None) -> (Tensor, Tensor, Tensor)");
 
   // Output projection fused with the loss: never stores logits or softmax for backward.
   // input [B, H], weight [V, H] (nn.Linear layout), bias [V], target [B]
   //   -> loss ([] or [B]), lse [B] (float32/64)
   m.def(
       "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, "
-      "int reduction, int ignore_index, float label_smoothing) -> (Tensor, Tensor)");
+      "int reduction, int ignore_index, float label_smoothing, Tensor? class_weight=None) -> "
+      "(Tensor, Tensor)");
   // Recomputes the logits block by block from input and lse.
   // -> grad_input [B, H], grad_weight [V, H], grad_bias [V]
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, "
       "Tensor? bias, Tensor target, Tensor lse, int reduction, int ignore_index, "
-      "float label_smoothing) -> (Tensor, Tensor, Tensor)");
+      "float label_smoothing, Tensor? class_weight=None) -> (Tensor, Tensor, Tensor)");
 
   // The same loss (reduction mean or sum) and its gradients in one pass: what the
   // autograd forward calls when a gradient is needed (its backward then only scales).
   // -> loss [], lse [B], grad_input [B, H], grad_weight [V, H], grad_bias [V]
   m.def(
       "linear_cross_entropy_and_grads(Tensor input, Tensor weight, Tensor? bias, Tensor target, "
-      "int reduction, int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor, "
-      "Tensor, Tensor)");
+      "int reduction, int ignore_index, float label_smoothing, Tensor? class_weight=None) -> (Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
 
   // The whole model's mean cross-entropy (rows with target -100 ignored), fused:
   // idx [B, T], target [B], table [V, E], weight1 [H, T*E], bias1 [H],

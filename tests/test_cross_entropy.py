@@ -161,7 +161,7 @@ def test_bad_arguments_name_the_argument():
     cases = [
         ((logits[0], target), {}, ValueError, "logits must be 2-D"),
         ((logits, target[:-1]), {}, ValueError, r"target must have shape \[B\] = \[10\]"),
-        ((logits, target.float()), {}, TypeError, "target must be an int64 or int32"),
+        ((logits, target.float()), {}, NotImplementedError, "probability targets"),
         ((logits.long(), target), {}, TypeError, "logits must be a floating-point tensor"),
         ((logits, target), {"reduction": "avg"}, ValueError, "reduction must be 'none', 'mean' or 'sum', got 'avg'"),
         ((logits, target), {"label_smoothing": 1.5}, ValueError, "label_smoothing must be in"),

@@ -335,6 +335,48 @@ def test_linear_cross_entropy(shape, dtype, reduction, with_bias, mode):
             _close(a, e, acc if name == "lse" else dtype, name)
 
 
+@pytest.mark.parametrize("shape", [(32, 200, 27), (45, 17, 32), (33, 9, 40)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_class_weighted_losses(shape, dtype, reduction, label_smoothing):
+    """weight= / class_weight= (csrc/class_weight.h around the row kernels) on both losses'
+    three ops, against the CPU ops (which test_loss_options.py checks against PyTorch)."""
+    x, w, b, target = _lce_inputs(*shape, dtype)
+    cw = 0.1 + torch.rand(shape[2], generator=torch.Generator().manual_seed(5))
+    r = REDUCTIONS[reduction]
+    lce_args = (r, -100, label_smoothing, cw)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # lse of the generic linear path (V > 32) comes from logits in the input dtype (see
+    # test_linear_cross_entropy): its tolerance is the input dtype's.
+    lse_tol = {"cross_entropy": acc, "linear_cross_entropy": dtype if shape[2] > 32 else acc}
+    for op, inputs, n_grads in (("cross_entropy", (F.linear(x, w, b), target), 1),
+                                ("linear_cross_entropy", (x, w, b, target), 3)):
+        loss, lse = getattr(EMU, op)(*inputs, *lce_args)
+        loss_ref, lse_ref = getattr(CPU, op)(*inputs, *lce_args)
+        _close(loss, loss_ref, dtype, f"{op} loss")
+        grad_loss = torch.randn(loss.shape, dtype=torch.float64).to(dtype)
+        got = getattr(EMU, f"{op}_backward")(grad_loss, *inputs, lse_ref, *lce_args)
+        want = getattr(CPU, f"{op}_backward")(grad_loss, *inputs, lse_ref, *lce_args)
+        for i, (a, e) in enumerate(zip(got if n_grads > 1 else [got], want if n_grads > 1 else [want])):
+            _close(a, e, dtype, f"{op} grad {i}")
+        if r != 0:
+            got = getattr(EMU, f"{op}_and_grads")(*inputs, *lce_args)
+            want = getattr(CPU, f"{op}_and_grads")(*inputs, *lce_args)
+            for i, (a, e) in enumerate(zip(got, want)):
+                _close(a, e, lse_tol[op] if i == 1 else dtype, f"{op}_and_grads output {i}")
+
+
+def test_class_weighted_losses_report_bad_targets():
+    x, w, b, target = _lce_inputs(10, 4, 6, torch.float32)
+    target[3] = 6
+    cw = torch.ones(6)
+    with pytest.raises(IndexError, match="target"):
+        EMU.cross_entropy(F.linear(x, w, b), target, 1, -100, 0.1, cw)
+    with pytest.raises(IndexError, match="target"):
+        EMU.linear_cross_entropy_and_grads(x, w, b, target, 1, -100, 0.1, cw)
+
+
 def test_linear_cross_entropy_deterministic_whatever_the_thread_order():
     x, w, b, target = _lce_inputs(700, 70, 27, torch.float32, seed=2)
     results = []

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "class_weight.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
 #include "cpu/softmax_xent_row.h"
@@ -119,15 +120,19 @@ at::Tensor reduce_row_losses(const at::Tensor& row_loss, int64_t reduction, int6
   return at::scalar_tensor(total, row_loss.options().dtype(out_dtype));
 }
 
+// With class weights the row kernels run unsmoothed and class_weight.h does the rest.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits,
                                                      const at::Tensor& target, int64_t reduction,
-                                                     int64_t ignore_index,
-                                                     double label_smoothing) {
+                                                     int64_t ignore_index, double label_smoothing,
+                                                     const std::optional<at::Tensor>& weight) {
   check_cross_entropy_args(logits, target, reduction, label_smoothing);
   const int64_t B = logits.size(0), V = logits.size(1);
+  check_class_weight(weight, V, logits, "logits");
   const at::Tensor target64 = checked_indices_cpu(target, V, "target", ignore_index);
   const at::Tensor x = logits.contiguous();
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
+  const auto cw = make_class_weight(weight, target64, ignore_index, label_smoothing, acc_dtype);
+  const double eps = cw ? 0.0 : label_smoothing;
   at::Tensor lse = at::empty({B}, logits.options().dtype(acc_dtype));
   at::Tensor row_loss = at::empty({B}, lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
@@ -135,8 +140,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits,
     using acc_t = at::opmath_type<scalar_t>;
     forward_rows<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), target64.const_data_ptr<int64_t>(),
                                   lse.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>(),
-                                  B, V, ignore_index, static_cast<acc_t>(label_smoothing));
+                                  B, V, ignore_index, static_cast<acc_t>(eps));
   });
+  if (cw) {
+    const at::Tensor xw = cw->eps() != 0.0 ? x.to(acc_dtype).mv(cw->weight()) : at::Tensor();
+    return {cw->reduce(cw->row_losses(row_loss, lse, xw), reduction, logits.scalar_type()), lse};
+  }
   const int64_t count = mean_count_cpu(target64, reduction, ignore_index);
   return {reduce_row_losses(row_loss, reduction, count, logits.scalar_type()), lse};
 }
@@ -144,20 +153,26 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits,
 at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits,
                                       const at::Tensor& target, const at::Tensor& lse,
                                       int64_t reduction, int64_t ignore_index,
-                                      double label_smoothing) {
+                                      double label_smoothing,
+                                      const std::optional<at::Tensor>& weight) {
   check_cross_entropy_args(logits, target, reduction, label_smoothing);
   const int64_t B = logits.size(0), V = logits.size(1);
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
   check_saved_lse(lse, logits, "logits");
   check_grad_loss(grad_loss, reduction, B);
+  check_class_weight(weight, V, logits, "logits");
   const at::Tensor target64 = checked_indices_cpu(target, V, "target", ignore_index);
   const at::Tensor x = logits.contiguous();
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor grad = at::empty({B, V}, logits.options());
   if (B == 0) return grad;
+  const auto cw = make_class_weight(weight, target64, ignore_index, label_smoothing, acc_dtype);
+  const at::Tensor base = cw ? cw->base_scales(grad_loss, reduction) : at::Tensor();
   const at::Tensor scales =
-      row_grad_scales(grad_loss, target64, reduction, ignore_index,
-                      mean_count_cpu(target64, reduction, ignore_index), acc_dtype);
+      cw ? cw->kernel_scales(base)
+         : row_grad_scales(grad_loss, target64, reduction, ignore_index,
+                           mean_count_cpu(target64, reduction, ignore_index), acc_dtype);
+  const double label_eps = cw ? 0.0 : label_smoothing;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
                                   "cross_entropy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -166,7 +181,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
     const acc_t* lp = lse_c.const_data_ptr<acc_t>();
     const acc_t* sp = scales.const_data_ptr<acc_t>();
     scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
-    const acc_t eps = static_cast<acc_t>(label_smoothing);
+    const acc_t eps = static_cast<acc_t>(label_eps);
     at::parallel_for(0, B, kRowGrain, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t t = tp[b];
@@ -178,24 +193,30 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
       }
     });
   });
+  if (cw) cw->add_smoothing_to_grad_logits(grad, base);
   return grad;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cpu(
     const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
-    double label_smoothing) {
+    double label_smoothing, const std::optional<at::Tensor>& weight) {
   check_cross_entropy_args(logits, target, reduction, label_smoothing);
   check_scalar_loss_reduction(reduction, "cross_entropy_and_grads");
   const int64_t B = logits.size(0), V = logits.size(1);
+  check_class_weight(weight, V, logits, "logits");
   const at::Tensor target64 = checked_indices_cpu(target, V, "target", ignore_index);
   const at::Tensor x = logits.contiguous();
   const auto acc_dtype = at::toOpMathType(logits.scalar_type());
   at::Tensor lse = at::empty({B}, logits.options().dtype(acc_dtype));
   at::Tensor row_loss = at::empty({B}, lse.options());
   at::Tensor grad = at::empty({B, V}, logits.options());
-  const int64_t count = mean_count_cpu(target64, reduction, ignore_index);
+  const auto cw = make_class_weight(weight, target64, ignore_index, label_smoothing, acc_dtype);
+  const int64_t count = cw ? 0 : mean_count_cpu(target64, reduction, ignore_index);
+  const at::Tensor base = cw ? cw->base_scales(at::Tensor(), reduction) : at::Tensor();
   const at::Tensor scales =
-      row_grad_scales(at::Tensor(), target64, reduction, ignore_index, count, acc_dtype);
+      cw ? cw->kernel_scales(base)
+         : row_grad_scales(at::Tensor(), target64, reduction, ignore_index, count, acc_dtype);
+  const double eps = cw ? 0.0 : label_smoothing;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
                                   "cross_entropy_and_grads_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -203,8 +224,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cpu(
         x.const_data_ptr<scalar_t>(), target64.const_data_ptr<int64_t>(),
         scales.const_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
         row_loss.mutable_data_ptr<acc_t>(), grad.mutable_data_ptr<scalar_t>(), B, V, ignore_index,
-        static_cast<acc_t>(label_smoothing));
+        static_cast<acc_t>(eps));
   });
+  if (cw) {
+    const at::Tensor xw = cw->eps() != 0.0 ? x.to(acc_dtype).mv(cw->weight()) : at::Tensor();
+    cw->add_smoothing_to_grad_logits(grad, base);
+    return {cw->reduce(cw->row_losses(row_loss, lse, xw), reduction, logits.scalar_type()), lse,
+            grad};
+  }
   return {reduce_row_losses(row_loss, reduction, count, logits.scalar_type()), lse, grad};
 }
 

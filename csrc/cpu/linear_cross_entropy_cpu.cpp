@@ -39,6 +39,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "class_weight.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
 #include "cpu/output_gemm.h"
@@ -193,19 +194,33 @@ void blocked_impl(const Inputs& in,
   }
 }
 
+// x_b . w of the logits x = input @ weight^T + bias and class weights w, [B]: two
+// matrix-vector products, no logits (what class_weight.h needs with label smoothing).
+at::Tensor logits_dot_class_weight(const Inputs& in, const ClassWeight& cw) {
+  if (cw.eps() == 0.0) return at::Tensor();
+  at::Tensor xw = in.input.mv(in.weight.t().mv(cw.weight()));
+  if (in.bias.defined()) xw.add_(in.bias.dot(cw.weight()));
+  return xw;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& class_weight) {
   check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
+  check_class_weight(class_weight, weight.size(0), input, "input");
   const Inputs in = prepare(input, weight, bias, target, ignore_index);
   const int64_t B = input.size(0);
+  const auto cw = make_class_weight(class_weight, in.target, ignore_index, label_smoothing,
+                                    in.input.scalar_type());
+  const double label_eps = cw ? 0.0 : label_smoothing;  // class_weight.h: kernels unsmoothed
   at::Tensor lse = at::empty({B}, in.input.options());
   at::Tensor row_loss = at::empty({B}, in.input.options());
   const bool aten = use_aten_gemm(weight.size(0), input.size(1));
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_cpu", [&] {
-    const auto eps = static_cast<scalar_t>(label_smoothing);
+    const auto eps = static_cast<scalar_t>(label_eps);
     scalar_t* l = lse.mutable_data_ptr<scalar_t>();
     scalar_t* rl = row_loss.mutable_data_ptr<scalar_t>();
     if (aten) {
@@ -214,6 +229,10 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
       forward_impl<scalar_t>(in, ignore_index, eps, l, rl);
     }
   });
+  if (cw) {
+    const at::Tensor rows = cw->row_losses(row_loss, lse, logits_dot_class_weight(in, *cw));
+    return {cw->reduce(rows, reduction, input.scalar_type()), lse};
+  }
   const int64_t count = mean_count_cpu(in.target, reduction, ignore_index);
   return {reduce_row_losses(row_loss, reduction, count, input.scalar_type()), lse};
 }
@@ -221,16 +240,22 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
-    int64_t reduction, int64_t ignore_index, double label_smoothing) {
+    int64_t reduction, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& class_weight) {
   check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
   const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
   const auto acc = at::toOpMathType(input.scalar_type());
   check_saved_lse(lse, input, "input");
   check_grad_loss(grad_loss, reduction, B);
+  check_class_weight(class_weight, V, input, "input");
   const Inputs in = prepare(input, weight, bias, target, ignore_index);
+  const auto cw = make_class_weight(class_weight, in.target, ignore_index, label_smoothing, acc);
+  const at::Tensor base = cw ? cw->base_scales(grad_loss, reduction) : at::Tensor();
   const at::Tensor scale =
-      row_grad_scales(grad_loss, in.target, reduction, ignore_index,
-                      mean_count_cpu(in.target, reduction, ignore_index), acc);
+      cw ? cw->kernel_scales(base)
+         : row_grad_scales(grad_loss, in.target, reduction, ignore_index,
+                           mean_count_cpu(in.target, reduction, ignore_index), acc);
+  const double label_eps = cw ? 0.0 : label_smoothing;
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
   at::Tensor grad_weight = at::empty({V, H}, in.input.options());
@@ -240,16 +265,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
     if (aten) {
       blocked_impl<scalar_t, BlockedMode::kGradFromLse>(
           in, lse_c.const_data_ptr<scalar_t>(), nullptr,
-          scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+          scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_eps),
           grad_input, grad_weight, grad_bias);
       return;
     }
     gradient_impl<scalar_t, false>(
         in, lse_c.const_data_ptr<scalar_t>(), nullptr,
-        scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+        scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_eps),
         grad_input.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
         grad_bias.mutable_data_ptr<scalar_t>());
   });
+  if (cw) {
+    cw->add_smoothing_to_linear_grads(base, in.input, in.weight, grad_input, grad_weight,
+                                      grad_bias);
+  }
   const auto dtype = input.scalar_type();
   return {grad_input.to(dtype), grad_weight.to(dtype), grad_bias.to(dtype)};
 }
@@ -258,15 +287,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& target,
                                    int64_t reduction, int64_t ignore_index,
-                                   double label_smoothing) {
+                                   double label_smoothing,
+                                   const std::optional<at::Tensor>& class_weight) {
   check_linear_cross_entropy_args(input, weight, bias, target, reduction, label_smoothing);
   check_scalar_loss_reduction(reduction, "linear_cross_entropy_and_grads");
   const int64_t B = input.size(0), H = input.size(1), V = weight.size(0);
   const auto acc = at::toOpMathType(input.scalar_type());
+  check_class_weight(class_weight, V, input, "input");
   const Inputs in = prepare(input, weight, bias, target, ignore_index);
-  const int64_t count = mean_count_cpu(in.target, reduction, ignore_index);
+  const auto cw = make_class_weight(class_weight, in.target, ignore_index, label_smoothing, acc);
+  const int64_t count = cw ? 0 : mean_count_cpu(in.target, reduction, ignore_index);
+  const at::Tensor base = cw ? cw->base_scales(at::Tensor(), reduction) : at::Tensor();
   const at::Tensor scale =
-      row_grad_scales(at::Tensor(), in.target, reduction, ignore_index, count, acc);
+      cw ? cw->kernel_scales(base)
+         : row_grad_scales(at::Tensor(), in.target, reduction, ignore_index, count, acc);
+  const double label_eps = cw ? 0.0 : label_smoothing;
   at::Tensor lse = at::empty({B}, in.input.options());
   at::Tensor row_loss = at::empty({B}, in.input.options());
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
@@ -277,17 +312,24 @@ linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& we
     if (aten) {
       blocked_impl<scalar_t, BlockedMode::kGradWithForward>(
           in, lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>(),
-          scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+          scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_eps),
           grad_input, grad_weight, grad_bias);
       return;
     }
     gradient_impl<scalar_t, true>(
         in, lse.mutable_data_ptr<scalar_t>(), row_loss.mutable_data_ptr<scalar_t>(),
-        scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_smoothing),
+        scale.const_data_ptr<scalar_t>(), ignore_index, static_cast<scalar_t>(label_eps),
         grad_input.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
         grad_bias.mutable_data_ptr<scalar_t>());
   });
   const auto dtype = input.scalar_type();
+  if (cw) {
+    cw->add_smoothing_to_linear_grads(base, in.input, in.weight, grad_input, grad_weight,
+                                      grad_bias);
+    const at::Tensor rows = cw->row_losses(row_loss, lse, logits_dot_class_weight(in, *cw));
+    return {cw->reduce(rows, reduction, dtype), lse, grad_input.to(dtype), grad_weight.to(dtype),
+            grad_bias.to(dtype)};
+  }
   return {reduce_row_losses(row_loss, reduction, count, dtype), lse, grad_input.to(dtype),
           grad_weight.to(dtype), grad_bias.to(dtype)};
 }

@@ -2,6 +2,7 @@
 // Kernels and math: cross_entropy_kernels.cu.
 #include <torch/library.h>
 
+#include "class_weight.h"
 #include "cuda/host_common.h"
 #include "cuda/ops_cuda.h"
 
@@ -76,12 +77,46 @@ at::Tensor cross_entropy_backward_launch(const at::Tensor& grad_loss, const at::
 
 namespace {
 
+// Class weights (class_weight.h): the kernels run unsmoothed with per-row scales, as
+// reduction 'none', and the weighted reduction is ATen's.
+ClassWeight class_weight_for(const at::Tensor& weight, const at::Tensor& logits,
+                             const at::Tensor& target, int64_t ignore_index,
+                             double label_smoothing) {
+  check_cross_entropy_args(logits, target, kReductionNone, label_smoothing);
+  check_class_weight(weight, logits.size(1), logits, "logits");
+  return ClassWeight(weight, index_tensor(target), ignore_index, label_smoothing,
+                     at::toOpMathType(logits.scalar_type()));
+}
+
+at::Tensor weighted_loss(const ClassWeight& cw, const at::Tensor& logits, const at::Tensor& L0,
+                         const at::Tensor& lse, int64_t reduction) {
+  const at::Tensor xw =
+      cw.eps() != 0.0 ? logits.to(cw.weight().scalar_type()).mv(cw.weight()) : at::Tensor();
+  return cw.reduce(cw.row_losses(L0, lse, xw), reduction, logits.scalar_type());
+}
+
+at::Tensor weighted_grad(const ClassWeight& cw, const at::Tensor& grad_loss,
+                         const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& lse, int64_t reduction, int64_t ignore_index) {
+  const at::Tensor base = cw.base_scales(grad_loss, reduction);
+  at::Tensor grad = cross_entropy_backward_launch(cw.kernel_scales(base), logits, target, lse,
+                                                  kReductionNone, ignore_index, 0.0);
+  cw.add_smoothing_to_grad_logits(grad, base);
+  return grad;
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits,
                                                       const at::Tensor& target, int64_t reduction,
-                                                      int64_t ignore_index,
-                                                      double label_smoothing) {
-  auto result = cross_entropy_launch(logits, target, reduction, ignore_index, label_smoothing);
+                                                      int64_t ignore_index, double label_smoothing,
+                                                      const std::optional<at::Tensor>& weight) {
   const c10::cuda::CUDAGuard guard(logits.device());
+  if (weight) {
+    const ClassWeight cw = class_weight_for(*weight, logits, target, ignore_index, label_smoothing);
+    auto [L0, lse] = cross_entropy_launch(logits, target, kReductionNone, ignore_index, 0.0);
+    check_index_errors();
+    return {weighted_loss(cw, logits, L0, lse, reduction), lse};
+  }
+  auto result = cross_entropy_launch(logits, target, reduction, ignore_index, label_smoothing);
   check_index_errors();
   return result;
 }
@@ -89,10 +124,20 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits,
 at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
                                        const at::Tensor& target, const at::Tensor& lse,
                                        int64_t reduction, int64_t ignore_index,
-                                       double label_smoothing) {
-  at::Tensor grad = cross_entropy_backward_launch(grad_loss, logits, target, lse, reduction,
-                                                  ignore_index, label_smoothing);
+                                       double label_smoothing,
+                                       const std::optional<at::Tensor>& weight) {
   const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad;
+  if (weight) {
+    check_reduction(reduction);
+    check_grad_loss(grad_loss, reduction, logits.size(0));
+    check_same_device(logits, "logits", grad_loss, "grad_loss");
+    const ClassWeight cw = class_weight_for(*weight, logits, target, ignore_index, label_smoothing);
+    grad = weighted_grad(cw, grad_loss, logits, target, lse, reduction, ignore_index);
+  } else {
+    grad = cross_entropy_backward_launch(grad_loss, logits, target, lse, reduction, ignore_index,
+                                         label_smoothing);
+  }
   check_index_errors();
   return grad;
 }
@@ -101,13 +146,21 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
 // the same path on both devices.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cuda(
     const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
-    double label_smoothing) {
+    double label_smoothing, const std::optional<at::Tensor>& weight) {
   check_scalar_loss_reduction(reduction, "cross_entropy_and_grads");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  if (weight) {
+    const ClassWeight cw = class_weight_for(*weight, logits, target, ignore_index, label_smoothing);
+    auto [L0, lse] = cross_entropy_launch(logits, target, kReductionNone, ignore_index, 0.0);
+    at::Tensor grad =
+        weighted_grad(cw, at::Tensor(), logits, target, lse, reduction, ignore_index);
+    check_index_errors();
+    return {weighted_loss(cw, logits, L0, lse, reduction), lse, grad};
+  }
   auto [loss, lse] =
       cross_entropy_launch(logits, target, reduction, ignore_index, label_smoothing);
   at::Tensor grad = cross_entropy_backward_launch(at::Tensor(), logits, target, lse, reduction,
                                                   ignore_index, label_smoothing);
-  const c10::cuda::CUDAGuard guard(logits.device());
   check_index_errors();
   return {loss, lse, grad};
 }

@@ -3,6 +3,7 @@
 // Kernels and math: linear_cross_entropy_kernels.cu.
 #include <torch/library.h>
 
+#include "class_weight.h"
 #include "cuda/host_common.h"
 #include "cuda/ops_cuda.h"
 
@@ -120,12 +121,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_lau
 
 namespace {
 
+// Class weights (class_weight.h): the kernels run unsmoothed with per-row scales, as
+// reduction 'none', and the weighted reduction is ATen's.
+ClassWeight class_weight_for(const at::Tensor& class_weight, const at::Tensor& input,
+                             const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const at::Tensor& target, int64_t ignore_index,
+                             double label_smoothing) {
+  check_linear_cross_entropy_args(input, weight, bias, target, kReductionNone, label_smoothing);
+  check_class_weight(class_weight, weight.size(0), input, "input");
+  return ClassWeight(class_weight, index_tensor(target), ignore_index, label_smoothing,
+                     at::toOpMathType(input.scalar_type()));
+}
+
+at::Tensor weighted_loss(const ClassWeight& cw, const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& L0,
+                         const at::Tensor& lse, int64_t reduction) {
+  at::Tensor xw;
+  if (cw.eps() != 0.0) {  // x_b . w = input_b . (W^T w) + bias . w, no logits
+    const auto acc = cw.weight().scalar_type();
+    xw = input.to(acc).mv(weight.to(acc).t().mv(cw.weight()));
+    if (bias) xw = xw + bias->to(acc).dot(cw.weight());
+  }
+  return cw.reduce(cw.row_losses(L0, lse, xw), reduction, input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weighted_grads(
+    const ClassWeight& cw, const at::Tensor& grad_loss, const at::Tensor& input,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+    const at::Tensor& lse, int64_t reduction, int64_t ignore_index) {
+  const at::Tensor base = cw.base_scales(grad_loss, reduction);
+  auto [grad_input, grad_weight, grad_bias] = linear_cross_entropy_backward_launch(
+      cw.kernel_scales(base), input, weight, bias, target, lse, kReductionNone, ignore_index, 0.0);
+  cw.add_smoothing_to_linear_grads(base, input, weight, grad_input, grad_weight, grad_bias);
+  return {grad_input, grad_weight, grad_bias};
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& class_weight) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (class_weight) {
+    const ClassWeight cw = class_weight_for(*class_weight, input, weight, bias, target,
+                                            ignore_index, label_smoothing);
+    auto [L0, lse] = linear_cross_entropy_launch(input, weight, bias, target, kReductionNone,
+                                                 ignore_index, 0.0);
+    check_index_errors();
+    return {weighted_loss(cw, input, weight, bias, L0, lse, reduction), lse};
+  }
   auto result = linear_cross_entropy_launch(input, weight, bias, target, reduction, ignore_index,
                                             label_smoothing);
-  const c10::cuda::CUDAGuard guard(input.device());
   check_index_errors();
   return result;
 }
@@ -133,10 +178,22 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
-    int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  auto grads = linear_cross_entropy_backward_launch(grad_loss, input, weight, bias, target, lse,
-                                                    reduction, ignore_index, label_smoothing);
+    int64_t reduction, int64_t ignore_index, double label_smoothing,
+    const std::optional<at::Tensor>& class_weight) {
   const c10::cuda::CUDAGuard guard(input.device());
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+  if (class_weight) {
+    check_reduction(reduction);
+    check_grad_loss(grad_loss, reduction, input.size(0));
+    check_same_device(input, "input", grad_loss, "grad_loss");
+    const ClassWeight cw = class_weight_for(*class_weight, input, weight, bias, target,
+                                            ignore_index, label_smoothing);
+    grads = weighted_grads(cw, grad_loss, input, weight, bias, target, lse, reduction,
+                           ignore_index);
+  } else {
+    grads = linear_cross_entropy_backward_launch(grad_loss, input, weight, bias, target, lse,
+                                                 reduction, ignore_index, label_smoothing);
+  }
   check_index_errors();
   return grads;
 }
@@ -148,13 +205,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 linear_cross_entropy_and_grads_cuda(const at::Tensor& input, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias,
                                     const at::Tensor& target, int64_t reduction,
-                                    int64_t ignore_index, double label_smoothing) {
+                                    int64_t ignore_index, double label_smoothing,
+                                    const std::optional<at::Tensor>& class_weight) {
   check_scalar_loss_reduction(reduction, "linear_cross_entropy_and_grads");
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (class_weight) {
+    const ClassWeight cw = class_weight_for(*class_weight, input, weight, bias, target,
+                                            ignore_index, label_smoothing);
+    auto [L0, lse] = linear_cross_entropy_launch(input, weight, bias, target, kReductionNone,
+                                                 ignore_index, 0.0);
+    auto [grad_input, grad_weight, grad_bias] = weighted_grads(
+        cw, at::Tensor(), input, weight, bias, target, lse, reduction, ignore_index);
+    check_index_errors();
+    return {weighted_loss(cw, input, weight, bias, L0, lse, reduction), lse, grad_input,
+            grad_weight, grad_bias};
+  }
   auto [loss, lse] = linear_cross_entropy_launch(input, weight, bias, target, reduction,
                                                  ignore_index, label_smoothing);
   auto [grad_input, grad_weight, grad_bias] = linear_cross_entropy_backward_launch(
       at::Tensor(), input, weight, bias, target, lse, reduction, ignore_index, label_smoothing);
-  const c10::cuda::CUDAGuard guard(input.device());
   check_index_errors();
   return {loss, lse, grad_input, grad_weight, grad_bias};
 }

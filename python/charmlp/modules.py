@@ -156,23 +156,53 @@ class EmbedLinearTanh(nn.Module):
         )
 
 
-class CrossEntropyLoss(nn.Module):
-    """``nn.CrossEntropyLoss`` for ``[B, V]`` logits and class-index targets, fused."""
+def _class_weight_buffer(owner: str, name: str, weight: Tensor | None) -> Tensor | None:
+    """Validated class weights for a loss module's buffer (moves with .to(), saved in state_dict)."""
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor):
+        raise TypeError(
+            f"{owner}: {name} must be a 1-D floating-point tensor of class weights or None, got "
+            f"{type(weight).__name__}" + (" (pass reduction= by keyword)" if isinstance(weight, str) else "")
+        )
+    if weight.dim() != 1 or not weight.is_floating_point():
+        raise ValueError(f"{owner}: {name} must be a 1-D floating-point tensor, got {weight.dtype} of shape "
+                         f"{tuple(weight.shape)}")
+    return weight
 
-    def __init__(self, reduction: str = "mean", ignore_index: int = -100, label_smoothing: float = 0.0) -> None:
+
+class CrossEntropyLoss(nn.Module):
+    """``nn.CrossEntropyLoss`` for ``[*, V]`` logits and class-index targets, fused.
+
+    ``weight`` (class weights ``[V]``, a buffer as in ``nn.CrossEntropyLoss``), ``reduction``,
+    ``ignore_index`` and ``label_smoothing`` mean what they mean there.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         ops.reduction_code(reduction)  # validate early
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.register_buffer("weight", _class_weight_buffer("CrossEntropyLoss", "weight", weight))
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return ops.cross_entropy(logits, target, self.reduction, self.ignore_index, self.label_smoothing)
+        return ops.cross_entropy(logits, target, self.reduction, self.ignore_index, self.label_smoothing,
+                                 weight=self.weight)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+        weighted = ", weight=[...]" if self.weight is not None else ""
+        return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}{weighted}")
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -183,7 +213,9 @@ class LinearCrossEntropyLoss(nn.Module):
     ``nn.Linear``'s) and computes the loss with ``ops.linear_cross_entropy``: the
     ``[B, num_classes]`` logits are never stored, and for ``'mean'``/``'sum'`` the forward
     computes the gradients of input, weight and bias in the same pass. ``logits(input)``
-    gives the logits when they are wanted (sampling, metrics).
+    gives the logits when they are wanted (sampling, metrics). ``class_weight`` is
+    ``nn.CrossEntropyLoss``'s ``weight`` (``[num_classes]``, a buffer), named apart from
+    the projection's ``weight``. Input ``[*, in_features]`` takes targets ``[*]``.
     """
 
     def __init__(
@@ -196,6 +228,8 @@ class LinearCrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
         device=None,
         dtype=None,
+        *,
+        class_weight: Tensor | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
@@ -210,6 +244,11 @@ class LinearCrossEntropyLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        class_weight = _class_weight_buffer("LinearCrossEntropyLoss", "class_weight", class_weight)
+        if class_weight is not None and class_weight.shape[0] != num_classes:
+            raise ValueError(f"LinearCrossEntropyLoss: class_weight must have shape [num_classes] = "
+                             f"[{num_classes}], got {tuple(class_weight.shape)}")
+        self.register_buffer("class_weight", class_weight)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(num_classes, **factory))
@@ -223,7 +262,7 @@ class LinearCrossEntropyLoss(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **loss_options) -> "LinearCrossEntropyLoss":
         """The fused head with a copy of an ``nn.Linear``'s parameters (``loss_options``:
-        reduction, ignore_index, label_smoothing)."""
+        reduction, ignore_index, label_smoothing, class_weight)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
         head = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -236,7 +275,8 @@ class LinearCrossEntropyLoss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return ops.linear_cross_entropy(input, self.weight, self.bias, target, self.reduction,
-                                        self.ignore_index, self.label_smoothing)
+                                        self.ignore_index, self.label_smoothing,
+                                        class_weight=self.class_weight)
 
     def logits(self, input: Tensor) -> Tensor:
         return torch.nn.functional.linear(input, self.weight, self.bias)
@@ -245,4 +285,5 @@ class LinearCrossEntropyLoss(nn.Module):
         return (
             f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+            + (", class_weight=[...]" if self.class_weight is not None else "")
         )

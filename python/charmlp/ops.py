@@ -72,6 +72,28 @@ def _check_scalar_loss_reduction(op: str, reduction: int) -> None:
     )
 
 
+def _check_class_targets(op: str, target: Tensor) -> None:
+    """Class-index targets only: F.cross_entropy's probability targets raise, never misread."""
+    if isinstance(target, Tensor) and (target.is_floating_point() or target.is_complex()):
+        raise NotImplementedError(
+            f"charmlp: {op} takes class-index targets (int64 or int32); probability targets "
+            f"(target of dtype {target.dtype}) are not supported: use F.cross_entropy for them"
+        )
+
+
+def _flatten_leading(op: str, x: Tensor, target: Tensor, what: str) -> tuple[Tensor, Tensor, tuple | None]:
+    """[*, C] inputs with [*] targets as [N, C] and [N] (class dimension last, as a sequence
+    model's head produces it); returns the leading shape to restore, or None for 2-D input."""
+    if x.dim() <= 2:
+        return x, target, None
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"charmlp: {op}: target must have {what}'s leading shape {tuple(x.shape[:-1])} "
+            f"({what} is [*, {x.shape[-1]}], class dimension last), got {tuple(target.shape)}"
+        )
+    return x.reshape(-1, x.shape[-1]), target.reshape(-1), tuple(target.shape)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in (and save lse in): float64 stays, the rest is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -128,46 +150,67 @@ def cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    *,
+    weight: Tensor | None = None,
 ) -> Tensor:
-    """``F.cross_entropy(logits, target, ...)`` for ``[B, V]`` logits and class-index targets.
+    """``F.cross_entropy(logits, target, ...)`` for ``[*, V]`` logits and class-index targets.
 
     Same semantics as PyTorch: reductions ``'none' | 'mean' | 'sum'``, rows whose target
     is ``ignore_index`` contribute nothing and are left out of the mean's denominator
-    (an all-ignored batch gives nan under ``'mean'``), and label smoothing. The softmax
+    (an all-ignored batch gives nan under ``'mean'``), label smoothing, and class weights
+    ``weight`` ``[V]`` (``'mean'`` then divides by the targets' total weight, and label
+    smoothing weighs each class, both as PyTorch does; no gradient for ``weight``).
+    ``[B, T, V]`` logits (class dimension last, as a sequence model's head gives them) take
+    ``[B, T]`` targets; ``'none'`` returns that shape. Probability (floating) targets raise
+    ``NotImplementedError``. The softmax
     is never stored: with ``'mean'`` or ``'sum'`` and a gradient to compute, the forward
     computes the gradient from the same exps as the loss and the backward only scales it;
     with ``'none'`` the forward saves the per-row log-sum-exp and the backward is one pass.
     A backward with ``create_graph=True`` is differentiable (double backward is exact);
     forward-mode AD raises ``NotImplementedError``.
     """
+    _check_class_targets("cross_entropy", target)
+    logits, target, lead = _flatten_leading("cross_entropy", logits, target, "logits")
     loss, _lse = torch.ops.charmlp.cross_entropy.default(
-        logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
+        logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing), weight
     )
-    return loss
+    return loss if lead is None or loss.dim() == 0 else loss.reshape(lead)
+
+
+def _check_class_weight_fake(weight, V, ref, ref_name):
+    if weight is None:
+        return
+    _check_same_device(ref, ref_name, weight=weight)
+    torch._check(
+        weight.dim() == 1 and weight.shape[0] == V,
+        lambda: f"charmlp: weight (the class weights) must have shape [V] = [{V}], got {tuple(weight.shape)}",
+    )
 
 
 @torch.library.register_fake("charmlp::cross_entropy")
-def _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing):
+def _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing, weight=None):
     _check_same_device(logits, "logits", target=target)
     torch._check(logits.dim() == 2, lambda: f"charmlp: logits must be 2-D [B, V], got {tuple(logits.shape)}")
     torch._check(
         target.dim() == 1 and target.shape[0] == logits.shape[0],
         lambda: f"charmlp: target must have shape [B], got {tuple(target.shape)}",
     )
+    _check_class_weight_fake(weight, logits.shape[1], logits, "logits")
     B = logits.shape[0]
     loss = logits.new_empty((B,) if reduction == 0 else ())
     return loss, logits.new_empty((B,), dtype=_acc_dtype(logits.dtype))
 
 
 @torch.library.register_fake("charmlp::cross_entropy_backward")
-def _cross_entropy_backward_fake(grad_loss, logits, target, lse, reduction, ignore_index, label_smoothing):
+def _cross_entropy_backward_fake(grad_loss, logits, target, lse, reduction, ignore_index, label_smoothing,
+                                 weight=None):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("charmlp::cross_entropy_and_grads")
-def _cross_entropy_and_grads_fake(logits, target, reduction, ignore_index, label_smoothing):
+def _cross_entropy_and_grads_fake(logits, target, reduction, ignore_index, label_smoothing, weight=None):
     _check_scalar_loss_reduction("cross_entropy_and_grads", reduction)
-    loss, lse = _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing)
+    loss, lse = _cross_entropy_fake(logits, target, reduction, ignore_index, label_smoothing, weight)
     return loss, lse, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -184,6 +227,8 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    *,
+    class_weight: Tensor | None = None,
 ) -> Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without storing logits.
 
@@ -194,6 +239,10 @@ def linear_cross_entropy(
         bias: ``[V]`` or None.
         target: int64 (or int32) ``[*]`` class indices in ``[0, V)`` or ``ignore_index``,
             input's leading shape; ``reduction='none'`` returns a loss of that shape.
+        reduction, ignore_index, label_smoothing: as ``F.cross_entropy``'s.
+        class_weight: ``[V]`` class weights, ``F.cross_entropy``'s ``weight=`` (named apart
+            from the projection ``weight``); no gradient flows to it. Probability (floating)
+            targets raise ``NotImplementedError``.
 
     Logits are never stored. With ``'mean'`` or ``'sum'`` and a gradient to compute, the
     forward computes the gradients of input, weight and bias in the same pass (one GEMM
@@ -202,29 +251,25 @@ def linear_cross_entropy(
     each chunk of logits. A backward with ``create_graph=True`` is differentiable (double
     backward is exact); forward-mode AD raises ``NotImplementedError``.
     """
-    lead = None
-    if input.dim() > 2:
-        if tuple(target.shape) != tuple(input.shape[:-1]):
-            raise ValueError(
-                f"charmlp: target must have input's leading shape {tuple(input.shape[:-1])}, "
-                f"got {tuple(target.shape)}"
-            )
-        lead = target.shape
-        input, target = input.reshape(-1, input.shape[-1]), target.reshape(-1)
+    _check_class_targets("linear_cross_entropy", target)
+    input, target, lead = _flatten_leading("linear_cross_entropy", input, target, "input")
     loss, _lse = torch.ops.charmlp.linear_cross_entropy.default(
-        input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing)
+        input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing),
+        class_weight,
     )
     return loss if lead is None or loss.dim() == 0 else loss.reshape(lead)
 
 
 @torch.library.register_fake("charmlp::linear_cross_entropy")
-def _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing):
+def _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing,
+                               class_weight=None):
     _check_same_device(input, "input", weight=weight, bias=bias, target=target)
     torch._check(input.dim() == 2, lambda: f"charmlp: input must be 2-D [B, H], got {tuple(input.shape)}")
     torch._check(
         weight.dim() == 2 and weight.shape[1] == input.shape[1],
         lambda: f"charmlp: weight must have shape [V, H], got {tuple(weight.shape)}",
     )
+    _check_class_weight_fake(class_weight, weight.shape[0], input, "input")
     B = input.shape[0]
     loss = input.new_empty((B,) if reduction == 0 else ())
     return loss, input.new_empty((B,), dtype=_acc_dtype(input.dtype))
@@ -232,15 +277,17 @@ def _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_in
 
 @torch.library.register_fake("charmlp::linear_cross_entropy_backward")
 def _linear_cross_entropy_backward_fake(
-    grad_loss, input, weight, bias, target, lse, reduction, ignore_index, label_smoothing
+    grad_loss, input, weight, bias, target, lse, reduction, ignore_index, label_smoothing, class_weight=None
 ):
     return input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 
 @torch.library.register_fake("charmlp::linear_cross_entropy_and_grads")
-def _linear_cross_entropy_and_grads_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing):
+def _linear_cross_entropy_and_grads_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing,
+                                         class_weight=None):
     _check_scalar_loss_reduction("linear_cross_entropy_and_grads", reduction)
-    loss, lse = _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing)
+    loss, lse = _linear_cross_entropy_fake(input, weight, bias, target, reduction, ignore_index, label_smoothing,
+                                           class_weight)
     return loss, lse, input.new_empty(input.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
 
 

@@ -250,3 +250,83 @@ def test_probability_targets_raise_not_implemented():
         ops.linear_cross_entropy(torch.randn(3, 2), torch.randn(4, 2), None, probs)
     with pytest.raises(NotImplementedError, match="probability targets"):
         charmlp.CrossEntropyLoss()(logits, probs)
+
+
+# ---------------------------------------------------------------------------------------
+# autocast: each op follows what autocast does to the PyTorch code it replaces
+# ---------------------------------------------------------------------------------------
+
+BF16 = {"rtol": 2e-2, "atol": 2e-2}
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("V", [27, 2000])
+def test_linear_cross_entropy_under_cpu_autocast(V, reduction):
+    x, W, b, target, weight = _case(48, V, H=32, dtype=torch.float32)
+    ours, ref = _leaves(x, W, b), _leaves(x, W, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.linear_cross_entropy(*ours, target, reduction, label_smoothing=0.1, class_weight=weight)
+        want = F.cross_entropy(F.linear(*ref), target, reduction=reduction, label_smoothing=0.1, weight=weight)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, **BF16)
+    g = torch.rand(got.shape, generator=torch.Generator().manual_seed(2))
+    for name, a, e in zip(["input", "weight", "bias"], torch.autograd.grad(got, ours, g), torch.autograd.grad(want, ref, g)):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a, e, rtol=3e-2, atol=3e-3 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
+    # The low-precision rounding really happens: not the float32 result.
+    exact = ops.linear_cross_entropy(x, W, b, target, reduction, label_smoothing=0.1, class_weight=weight)
+    assert not torch.equal(got.detach(), exact)
+
+
+def test_cross_entropy_under_cpu_autocast_runs_in_float32():
+    logits, target, weight = _case(40, 30, dtype=torch.float32)
+    low = logits.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.cross_entropy(low, target, weight=weight)
+        want = F.cross_entropy(low, target, weight=weight)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_embed_linear_tanh_under_cpu_autocast():
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 27, (64, 3), generator=g)
+    C, W, b = torch.randn(27, 10, generator=g), torch.randn(200, 30, generator=g) / 30**0.5, torch.randn(200, generator=g)
+    ours, ref = _leaves(C, W, b), _leaves(C, W, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.embed_linear_tanh(idx, *ours)
+        want = torch.tanh(F.linear(F.embedding(idx, ref[0]).view(64, -1), ref[1], ref[2]))
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), **BF16)
+    gout = torch.randn(got.shape, generator=g)
+    for name, a, e in zip(["table", "weight", "bias"], torch.autograd.grad(got, ours, gout.bfloat16()),
+                          torch.autograd.grad(want, ref, gout.bfloat16())):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a, e, rtol=3e-2, atol=3e-2 * e.abs().max().item(), msg=lambda m: f"{name}: {m}")
+
+
+def test_autocast_leaves_float64_alone_and_modules_follow_it():
+    x, W, b, target, weight = _case(20, 9, H=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(x, W, b, target)
+        head = charmlp.LinearCrossEntropyLoss(5, 9)
+        head_loss = head(x.float(), target)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(x, W, b), target))
+    assert head_loss.dtype == torch.float32
+
+
+def test_autocast_under_torch_compile():
+    x, W, b, target, _ = _case(32, 27, H=16, dtype=torch.float32)
+
+    def f(x, W, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.linear_cross_entropy(x, W, b, target)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, W, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, f(x, W, b))

@@ -1,15 +1,21 @@
 // The Python extension module charmlp._C. Importing it loads this shared
 // library, whose static initializers register the operators (ops.cpp and the
-// backend files) with the PyTorch dispatcher. The module itself only reports
-// how it was built, so charmlp can refuse to run against a different torch.
+// backend files) with the PyTorch dispatcher. The module reports how it was built,
+// so charmlp can refuse to run against a different torch, and has eager entry points
+// for the layer ops (see below).
 #include <pybind11/pybind11.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/python.h>  // at::Tensor <-> torch.Tensor for pybind11
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include "cpu/context_grouping.h"
+#include "op_handles.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/output_gemm.h"
 
@@ -102,6 +108,59 @@ std::string get_embed_algorithm() {
   }
 }
 
+// Eager entry points: the very dispatcher ops of torch.ops.charmlp (so autocast, autograd,
+// the CPU/CUDA kernels and dispatch-level transforms all apply), called through pybind11
+// instead of torch.ops' schema-driven argument parsing, and returning only what the
+// Python functions return. torch.ops costs 1.5-2 us a call, as much as a whole B = 32
+// cross-entropy. python/charmlp/ops.py uses these outside torch.compile and without a
+// __torch_function__ override or mode; everywhere else it calls torch.ops.
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor eager_embed_linear_tanh(const at::Tensor& idx, const at::Tensor& table,
+                                   const at::Tensor& weight, const OptTensor& bias) {
+  static auto op = charmlp::op_handle<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const OptTensor&)>(
+      "charmlp::embed_linear_tanh");
+  return op.call(idx, table, weight, bias);
+}
+
+at::Tensor eager_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                               int64_t reduction, int64_t ignore_index, double label_smoothing,
+                               const OptTensor& weight) {
+  static auto op = charmlp::op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, int64_t, int64_t, double, const OptTensor&)>(
+      "charmlp::cross_entropy");
+  return std::get<0>(op.call(logits, target, reduction, ignore_index, label_smoothing, weight));
+}
+
+at::Tensor eager_linear_cross_entropy(const at::Tensor& input, const at::Tensor& weight,
+                                      const OptTensor& bias, const at::Tensor& target,
+                                      int64_t reduction, int64_t ignore_index,
+                                      double label_smoothing, const OptTensor& class_weight) {
+  static auto op = charmlp::op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, int64_t, int64_t,
+      double, const OptTensor&)>("charmlp::linear_cross_entropy");
+  return std::get<0>(op.call(input, weight, bias, target, reduction, ignore_index,
+                             label_smoothing, class_weight));
+}
+
+using TensorArg = const at::Tensor&;
+
+at::Tensor eager_mlp_cross_entropy(TensorArg idx, TensorArg target, TensorArg table, TensorArg w1, TensorArg b1,
+                                   TensorArg w2, TensorArg b2) {
+  static auto op = charmlp::op_handle<at::Tensor(TensorArg, TensorArg, TensorArg, TensorArg, TensorArg, TensorArg, TensorArg)>(
+      "charmlp::mlp_cross_entropy");
+  return op.call(idx, target, table, w1, b1, w2, b2);
+}
+
+std::tuple<at::Tensor, at::Tensor> eager_mlp_logits_cross_entropy(TensorArg idx, TensorArg target,
+                                                                  TensorArg table, TensorArg w1, TensorArg b1,
+                                                                  TensorArg w2, TensorArg b2) {
+  static auto op = charmlp::op_handle<std::tuple<at::Tensor, at::Tensor>(
+      TensorArg, TensorArg, TensorArg, TensorArg, TensorArg, TensorArg, TensorArg)>("charmlp::mlp_logits_cross_entropy");
+  return op.call(idx, target, table, w1, b1, w2, b2);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -118,4 +177,20 @@ PYBIND11_MODULE(_C, m) {
         "Force the CPU linear_cross_entropy GEMMs: 'auto' (by head size), 'small' (the fused "
         "chunk loop) or 'aten' (row blocks through ATen's GEMMs).");
   m.def("_get_output_gemm", &get_output_gemm);
+  // Errors reach Python as torch.ops would raise them (IndexError, ValueError, TypeError,
+  // NotImplementedError, ...), not as pybind11's generic RuntimeError.
+  py::register_local_exception_translator([](std::exception_ptr e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const c10::Error&) {
+      torch::translate_exception_to_python(e);
+    }  // anything else (pybind11's own value_error, ...) goes on to pybind11's translators
+  });
+  // The GIL is released while an op runs, as torch's own bindings do.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("_eager_embed_linear_tanh", &eager_embed_linear_tanh, release());
+  m.def("_eager_cross_entropy", &eager_cross_entropy, release());
+  m.def("_eager_linear_cross_entropy", &eager_linear_cross_entropy, release());
+  m.def("_eager_mlp_cross_entropy", &eager_mlp_cross_entropy, release());
+  m.def("_eager_mlp_logits_cross_entropy", &eager_mlp_logits_cross_entropy, release());
 }

@@ -18,8 +18,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.overrides import has_torch_function
 
 from . import _extension  # noqa: F401  (loads the library that defines torch.ops.charmlp)
+from ._extension import _C
 
 __all__ = [
     "embed_linear_tanh",
@@ -94,6 +96,14 @@ def _flatten_leading(op: str, x: Tensor, target: Tensor, what: str) -> tuple[Ten
     return x.reshape(-1, x.shape[-1]), target.reshape(-1), tuple(target.shape)
 
 
+def _eager(*tensors: Tensor | None) -> bool:
+    """Whether a call may take the extension's eager entry point (csrc/module.cpp: the same
+    dispatcher op, without torch.ops' 1.5-2 us of argument parsing) instead of torch.ops:
+    not while torch.compile traces, and not when an argument or an active mode overrides
+    __torch_function__ (torch.ops honours those)."""
+    return not torch.compiler.is_compiling() and not has_torch_function(tensors)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in (and save lse in): float64 stays, the rest is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -119,6 +129,8 @@ def embed_linear_tanh(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor |
         weight and bias. With ``create_graph=True`` the backward runs as ATen ops, so
         gradient penalties and double backward are exact; forward-mode AD raises.
     """
+    if _eager(idx, table, weight, bias):
+        return _C._eager_embed_linear_tanh(idx, table, weight, bias)
     return torch.ops.charmlp.embed_linear_tanh.default(idx, table, weight, bias)
 
 
@@ -171,9 +183,11 @@ def cross_entropy(
     """
     _check_class_targets("cross_entropy", target)
     logits, target, lead = _flatten_leading("cross_entropy", logits, target, "logits")
-    loss, _lse = torch.ops.charmlp.cross_entropy.default(
-        logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing), weight
-    )
+    args = (logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing), weight)
+    if _eager(logits, target, weight):
+        loss = _C._eager_cross_entropy(*args)
+    else:
+        loss, _lse = torch.ops.charmlp.cross_entropy.default(*args)
     return loss if lead is None or loss.dim() == 0 else loss.reshape(lead)
 
 
@@ -253,10 +267,12 @@ def linear_cross_entropy(
     """
     _check_class_targets("linear_cross_entropy", target)
     input, target, lead = _flatten_leading("linear_cross_entropy", input, target, "input")
-    loss, _lse = torch.ops.charmlp.linear_cross_entropy.default(
-        input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing),
-        class_weight,
-    )
+    args = (input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing),
+            class_weight)
+    if _eager(input, weight, bias, target, class_weight):
+        loss = _C._eager_linear_cross_entropy(*args)
+    else:
+        loss, _lse = torch.ops.charmlp.linear_cross_entropy.default(*args)
     return loss if lead is None or loss.dim() == 0 else loss.reshape(lead)
 
 
@@ -319,7 +335,10 @@ def mlp_cross_entropy(
     (``create_graph=True``) raises. Without grad (``torch.no_grad()``, evaluation) it
     computes the loss only. On CPU the batch runs once per distinct context.
     """
-    return torch.ops.charmlp.mlp_cross_entropy.default(idx, target, table, weight1, bias1, weight2, bias2)
+    args = (idx, target, table, weight1, bias1, weight2, bias2)
+    if _eager(*args):
+        return _C._eager_mlp_cross_entropy(*args)
+    return torch.ops.charmlp.mlp_cross_entropy.default(*args)
 
 
 def _check_mlp_fake(idx, target, table, weight1, bias1, weight2, bias2):
@@ -369,7 +388,10 @@ def mlp_logits_cross_entropy(
     loss term on them) is added exactly by the backward, which then recomputes the hidden
     layer once. Double backward and forward-mode AD raise.
     """
-    return torch.ops.charmlp.mlp_logits_cross_entropy.default(idx, target, table, weight1, bias1, weight2, bias2)
+    args = (idx, target, table, weight1, bias1, weight2, bias2)
+    if _eager(*args):
+        return _C._eager_mlp_logits_cross_entropy(*args)
+    return torch.ops.charmlp.mlp_logits_cross_entropy.default(*args)
 
 
 @torch.library.register_fake("charmlp::mlp_logits_cross_entropy")

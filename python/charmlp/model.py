@@ -27,8 +27,6 @@ NOTEBOOK_SEED = 2147483647
 # which (device type, dtype) pairs have kernels.
 _mlp_sgd_step = torch.ops.charmlp.mlp_sgd_step.default
 _mlp_sgd_steps = torch.ops.charmlp.mlp_sgd_steps.default
-_mlp_cross_entropy = torch.ops.charmlp.mlp_cross_entropy.default
-_mlp_logits_cross_entropy = torch.ops.charmlp.mlp_logits_cross_entropy.default
 _mlp_cross_entropy_and_grads = torch.ops.charmlp.mlp_cross_entropy_and_grads.default
 _WHOLE_MODEL_KERNELS: dict = {}
 # Largest output-layer weight (V * H) for which the CPU whole-model ops are the fast path
@@ -171,8 +169,8 @@ class MLPLanguageModel(nn.Module):
             if self._whole_model_kernel_available(params[0]):
                 self._check_idx(idx)
                 if return_logits:
-                    return _mlp_logits_cross_entropy(idx, targets, *params)
-                return None, _mlp_cross_entropy(idx, targets, *params)
+                    return ops.mlp_logits_cross_entropy(idx, targets, *params)
+                return None, ops.mlp_cross_entropy(idx, targets, *params)
             # (other dtypes, or a word-level head: the layer ops)
             if not return_logits:
                 h = self.hidden_states(idx)

@@ -42,8 +42,9 @@ void forward_rows(const scalar_t* x, const int64_t* target, acc_t* lse, acc_t* l
     for (int64_t r0 = b0; r0 < b1; r0 += kVectorLanes) {
       const int64_t n = std::min<int64_t>(kVectorLanes, b1 - r0);
       acc_t s[kVectorLanes];
-      for (int64_t r = 0; r < n; ++r) {
-        s[r] = row_sumexp<scalar_t, acc_t>(x + (r0 + r) * V, V, lse + r0 + r);  // lse <- max
+      for (int64_t r = 0; r < n; r += kRowsInFlight) {  // lse <- max
+        rows_sumexp<scalar_t, acc_t>(x + (r0 + r) * V, V, std::min(kRowsInFlight, n - r), V,
+                                     lse + r0 + r, s + r);
       }
       finish_logsumexp<acc_t>(n, lse + r0, s);
       for (int64_t b = r0; b < r0 + n; ++b) {

@@ -45,7 +45,9 @@ template <typename T>
 inline void output_loss_rows(int64_t n, int64_t V, const T* logits, const int64_t* target,
                              int64_t ignore_index, T eps, T* lse, T* loss) {
   const int64_t Vp = padded_cols<T>(V);
-  for (int64_t r = 0; r < n; ++r) loss[r] = row_sumexp<T, T>(logits + r * Vp, V, lse + r);
+  for (int64_t r = 0; r < n; r += kRowsInFlight) {  // lse <- max, loss <- sum of exps
+    rows_sumexp<T, T>(logits + r * Vp, Vp, std::min(kRowsInFlight, n - r), V, lse + r, loss + r);
+  }
   finish_logsumexp<T>(n, lse, loss);
   for (int64_t r = 0; r < n; ++r) {
     loss[r] = target[r] == ignore_index ? T(0)
@@ -123,7 +125,9 @@ template <typename T>
 inline void output_loss_counts(int64_t n, int64_t V, const T* logits, const T* counts,
                                const T* rows, T* lse, T* loss) {
   const int64_t Vp = padded_cols<T>(V);
-  for (int64_t r = 0; r < n; ++r) loss[r] = row_sumexp<T, T>(logits + r * Vp, V, lse + r);
+  for (int64_t r = 0; r < n; r += kRowsInFlight) {  // lse <- max, loss <- sum of exps
+    rows_sumexp<T, T>(logits + r * Vp, Vp, std::min(kRowsInFlight, n - r), V, lse + r, loss + r);
+  }
   finish_logsumexp<T>(n, lse, loss);
   for (int64_t r = 0; r < n; ++r) {
     const T* x = logits + r * Vp;

@@ -96,6 +96,52 @@ inline acc_t row_sumexp(const scalar_t* x, int64_t V, acc_t* m_out) {
   return sum_lanes(lane_sum);
 }
 
+// row_sumexp for n <= kRowsInFlight rows at once (row r at x + r * ld): s[r] and m[r] as
+// row_sumexp returns and sets them. One row's max -> exp -> sum is a chain of dependent
+// reductions (~100 cycles at V = 27) that leaves the vector units idle; with four rows'
+// chains interleaved in one loop the out-of-order core overlaps them. At V = 27 the
+// cross_entropy forward went from 24 to 18.5 ns a row (B = 4,096, one thread; F.cross_entropy
+// 22.5).
+constexpr int64_t kRowsInFlight = 4;
+
+template <typename scalar_t, typename acc_t>
+inline void rows_sumexp(const scalar_t* x, int64_t ld, int64_t n, int64_t V, acc_t* m, acc_t* s) {
+  if (n != kRowsInFlight) {  // a block's tail
+    for (int64_t r = 0; r < n; ++r) s[r] = row_sumexp<scalar_t, acc_t>(x + r * ld, V, m + r);
+    return;
+  }
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t lane_max[kRowsInFlight][kVectorLanes];
+  for (int64_t r = 0; r < kRowsInFlight; ++r) {
+    for (int64_t j = 0; j < kVectorLanes; ++j) lane_max[r][j] = kNegInf;
+  }
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
+    for (int64_t r = 0; r < kRowsInFlight; ++r) {
+      const scalar_t* row = x + r * ld;
+#pragma omp simd
+      for (int64_t j = 0; j < kVectorLanes; ++j) {
+        const acc_t xv = v0 + j < V ? static_cast<acc_t>(row[v0 + j]) : kNegInf;
+        lane_max[r][j] = xv > lane_max[r][j] ? xv : lane_max[r][j];
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRowsInFlight; ++r) m[r] = max_lanes(lane_max[r]);
+  acc_t lane_sum[kRowsInFlight][kVectorLanes] = {};
+  for (int64_t v0 = 0; v0 < V; v0 += kVectorLanes) {
+    for (int64_t r = 0; r < kRowsInFlight; ++r) {
+      const scalar_t* row = x + r * ld;
+      const acc_t mr = m[r];
+#pragma omp simd
+      for (int64_t j = 0; j < kVectorLanes; ++j) {
+        const bool in_row = v0 + j < V;
+        const acc_t e = fast_exp<acc_t>((in_row ? static_cast<acc_t>(row[v0 + j]) : mr) - mr);
+        lane_sum[r][j] += in_row ? e : acc_t(0);
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRowsInFlight; ++r) s[r] = sum_lanes(lane_sum[r]);
+}
+
 // lse[r] = m_r + log(s_r) for rows whose max m and sum of exps s are in lse and s:
 // one vectorized log for a block of rows (fast_log) instead of a libm call per row.
 template <typename T>

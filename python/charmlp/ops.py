@@ -75,8 +75,9 @@ def _check_scalar_loss_reduction(op: str, reduction: int) -> None:
 
 
 def _check_class_targets(op: str, target: Tensor) -> None:
-    """Class-index targets only: F.cross_entropy's probability targets raise, never misread."""
-    if isinstance(target, Tensor) and (target.is_floating_point() or target.is_complex()):
+    """Class-index targets only: F.cross_entropy's probability targets raise, never misread.
+    (Other dtypes are the kernels' TypeError. Kept to one call: it is on every loss's path.)"""
+    if target.is_floating_point():
         raise NotImplementedError(
             f"charmlp: {op} takes class-index targets (int64 or int32); probability targets "
             f"(target of dtype {target.dtype}) are not supported: use F.cross_entropy for them"
@@ -182,7 +183,9 @@ def cross_entropy(
     forward-mode AD raises ``NotImplementedError``.
     """
     _check_class_targets("cross_entropy", target)
-    logits, target, lead = _flatten_leading("cross_entropy", logits, target, "logits")
+    lead = None
+    if logits.dim() > 2:
+        logits, target, lead = _flatten_leading("cross_entropy", logits, target, "logits")
     args = (logits, target, reduction_code(reduction), int(ignore_index), float(label_smoothing), weight)
     if _eager(logits, target, weight):
         loss = _C._eager_cross_entropy(*args)
@@ -266,7 +269,9 @@ def linear_cross_entropy(
     backward is exact); forward-mode AD raises ``NotImplementedError``.
     """
     _check_class_targets("linear_cross_entropy", target)
-    input, target, lead = _flatten_leading("linear_cross_entropy", input, target, "input")
+    lead = None
+    if input.dim() > 2:
+        input, target, lead = _flatten_leading("linear_cross_entropy", input, target, "input")
     args = (input, weight, bias, target, reduction_code(reduction), int(ignore_index), float(label_smoothing),
             class_weight)
     if _eager(input, weight, bias, target, class_weight):

@@ -196,3 +196,29 @@ def test_idiomatic_loop_benchmark_runs(tmp_path):
         assert all(s["median_s"] > 0 for s in r["stats"].values())
     md = (tmp_path / "idiomatic_loop.md").read_text()
     assert "torch.optim.SGD(lr=0.1)" in md and "| charmlp |" in md
+
+
+def test_layers_benchmark_runs_gated_on_tiny_shapes(tmp_path):
+    cmd = [sys.executable, str(BENCH / "bench_layers.py"), "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for f in ("layers.md", "layers.json", "layers.png"):
+        assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
+    data = json.loads((tmp_path / "layers.json").read_text())
+    assert data["environment"]["threads"] == torch.get_num_threads()
+    assert {c["case"]["layer"] for c in data["cases"]} == {"elt", "lce", "ce"}
+    for c in data["cases"]:
+        for name, a in c["arms"].items():
+            if a["status"] == "SKIPPED":  # only torch's own fused op, on a torch without it
+                assert name.startswith("torch-lce"), (c["key"], name, a["reason"])
+                continue
+            assert a["status"] == "PASS", (c["key"], name, a["reason"])
+            assert set(a["times"]) == set(c["case"]["measurements"])
+            assert all(t["n"] >= 2 and t["median_s"] > 0 for t in a["times"].values())
+    mem = [c["memory"] for c in data["cases"] if c.get("memory")]
+    assert mem and all(r["peak_bytes"] >= 0 for m in mem for r in m.values()), mem
+    assert set(data["targets"]) == {"elt", "lce_small_v", "lce_all", "lce_memory", "ce"}
+    md = (tmp_path / "layers.md").read_text()
+    assert "torch threads" in md and "## Targets" in md and "## Correctness gate" in md
+    for title in ("embed_linear_tanh", "linear_cross_entropy", "cross_entropy", "peak memory"):
+        assert title in md, title

@@ -367,6 +367,30 @@ def test_class_weighted_losses(shape, dtype, reduction, label_smoothing):
                 _close(a, e, lse_tol[op] if i == 1 else dtype, f"{op}_and_grads output {i}")
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_cross_entropy_word_level_vocabulary_runs_in_row_blocks(reduction):
+    """At V = 70,000 the generic path takes blocks of 112 rows (csrc/cuda/linear_cross_entropy_cuda.cpp:
+    ~8 M logits each), so 200 rows are two blocks: the block seams, the per-row scales of a
+    global mean and the accumulated weight gradients against the CPU op."""
+    x, w, b, target = _lce_inputs(200, 4, 70_000, torch.float32)
+    r = REDUCTIONS[reduction]
+    args = (r, -100, 0.1)
+    loss, lse = EMU.linear_cross_entropy(x, w, b, target, *args)
+    loss_ref, lse_ref = CPU.linear_cross_entropy(x, w, b, target, *args)
+    _close(loss, loss_ref, torch.float32, "loss")
+    _close(lse, lse_ref, torch.float32, "lse")
+    grad_loss = torch.rand(loss.shape)
+    got = EMU.linear_cross_entropy_backward(grad_loss, x, w, b, target, lse_ref, *args)
+    want = CPU.linear_cross_entropy_backward(grad_loss, x, w, b, target, lse_ref, *args)
+    for name, a, e in zip(["grad_input", "grad_weight", "grad_bias"], got, want):
+        _close(a, e, torch.float32, name)
+    if r:
+        got = EMU.linear_cross_entropy_and_grads(x, w, b, target, *args)
+        want = CPU.linear_cross_entropy_and_grads(x, w, b, target, *args)
+        for i, (a, e) in enumerate(zip(got, want)):
+            _close(a, e, torch.float32, f"and_grads output {i}")
+
+
 def test_class_weighted_losses_report_bad_targets():
     x, w, b, target = _lce_inputs(10, 4, 6, torch.float32)
     target[3] = 6

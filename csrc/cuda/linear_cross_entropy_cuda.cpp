@@ -18,6 +18,76 @@ at::Tensor linear_logits(const at::Tensor& input, const at::Tensor& weight,
   return bias ? at::addmm(*bias, input, weight.t()) : at::mm(input, weight.t());
 }
 
+// Rows per block of the generic path: ~8 M logits (32 MB of float32), as on CPU
+// (linear_cross_entropy_cpu.cpp), so that neither [B, V] logits nor their gradient exist
+// whole for word-level vocabularies; one block (the unblocked code) whenever B fits.
+int64_t generic_block_rows(int64_t B, int64_t V) {
+  const int64_t rows = std::max<int64_t>(64, ((int64_t{1} << 23) / std::max<int64_t>(V, 1)) / 16 * 16);
+  return std::min(rows, std::max<int64_t>(B, 1));
+}
+
+// d(reduced loss)/d(row loss) [B] in acc dtype, 0 on ignored rows: what each block's
+// backward (reduction none) scales its rows by. grad_loss undefined means 1.
+at::Tensor generic_row_scales(const at::Tensor& grad_loss, const at::Tensor& target,
+                              int64_t reduction, int64_t ignore_index, at::ScalarType acc) {
+  const at::Tensor counted = target.ne(ignore_index).to(acc);
+  at::Tensor g = grad_loss.defined() ? grad_loss.to(acc).reshape({-1})
+                                     : at::ones({1}, counted.options());
+  if (reduction == kReductionMean) g = g / counted.sum().clamp_min(1);
+  return g * counted;
+}
+
+// The generic forward in row blocks: logits_blk by cuBLAS, then the cross_entropy kernels
+// on the block (reduction none); the reduction over blocks is ATen's.
+std::tuple<at::Tensor, at::Tensor> blocked_generic_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  const int64_t B = input.size(0), V = weight.size(0), Bc = generic_block_rows(B, V);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  at::Tensor lse = at::empty({B}, input.options().dtype(acc));
+  at::Tensor rows = at::empty({B}, input.options().dtype(acc));
+  for (int64_t r0 = 0; r0 < B; r0 += Bc) {
+    const int64_t n = std::min(Bc, B - r0);
+    auto [loss_blk, lse_blk] =
+        cross_entropy_launch(linear_logits(input.narrow(0, r0, n), weight, bias),
+                             target.narrow(0, r0, n), kReductionNone, ignore_index, label_smoothing);
+    lse.narrow(0, r0, n).copy_(lse_blk);
+    rows.narrow(0, r0, n).copy_(loss_blk);
+  }
+  if (reduction == kReductionNone) return {rows.to(input.scalar_type()), lse};
+  at::Tensor total = rows.sum();
+  if (reduction == kReductionMean) total = total / target.ne(ignore_index).sum();  // 0/0 = nan
+  return {total.to(input.scalar_type()), lse};
+}
+
+// The generic backward in row blocks: logits_blk recomputed by cuBLAS, dlogits_blk by the
+// cross_entropy backward kernel with per-row scales, then grad_input_blk = dz W,
+// grad_weight += dz^T input_blk, grad_bias += colsum(dz) (the last two in acc dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blocked_generic_backward(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
+    int64_t reduction, int64_t ignore_index, double label_smoothing) {
+  const int64_t B = input.size(0), V = weight.size(0), Bc = generic_block_rows(B, V);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const at::Tensor scales = generic_row_scales(grad_loss, target, reduction, ignore_index, acc);
+  at::Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(acc));
+  at::Tensor grad_bias = at::zeros({V}, weight.options().dtype(acc));
+  for (int64_t r0 = 0; r0 < B; r0 += Bc) {
+    const int64_t n = std::min(Bc, B - r0);
+    const at::Tensor x = input.narrow(0, r0, n);
+    const at::Tensor dz = cross_entropy_backward_launch(
+        scales.narrow(0, r0, n), linear_logits(x, weight, bias), target.narrow(0, r0, n),
+        lse.narrow(0, r0, n), kReductionNone, ignore_index, label_smoothing);
+    at::Tensor gi = grad_input.narrow(0, r0, n);
+    at::mm_out(gi, dz, weight);
+    grad_weight.add_(at::mm(dz.t(), x).to(acc));
+    grad_bias.add_(at::sum(dz, {0}, false, acc));
+  }
+  const auto dt = input.scalar_type();
+  return {grad_input, grad_weight.to(dt), grad_bias.to(dt)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_launch(
@@ -29,6 +99,10 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_launch(
   const auto acc_dtype = at::toOpMathType(input.scalar_type());
   const size_t acc_size = acc_dtype == at::kDouble ? 8 : 4;
   if (!lce_fused_ok(V, H, acc_size, false)) {
+    if (generic_block_rows(B, V) < B) {
+      return blocked_generic_forward(input, weight, bias, target, reduction, ignore_index,
+                                     label_smoothing);
+    }
     return cross_entropy_launch(linear_logits(input, weight, bias), target, reduction,
                                 ignore_index, label_smoothing);
   }
@@ -79,6 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_lau
             at::zeros_like(weight, at::MemoryFormat::Contiguous), at::zeros({V}, weight.options())};
   }
   if (!lce_fused_ok(V, H, acc_size, true)) {
+    if (generic_block_rows(B, V) < B) {
+      return blocked_generic_backward(grad_loss, input, weight, bias, target, lse, reduction,
+                                      ignore_index, label_smoothing);
+    }
     // Generic: recompute logits with cuBLAS, one-pass softmax gradient, cuBLAS GEMMs.
     const at::Tensor logits = linear_logits(input, weight, bias);
     const at::Tensor dz = cross_entropy_backward_launch(grad_loss, logits, target, lse, reduction,

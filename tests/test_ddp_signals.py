@@ -70,6 +70,11 @@ class _Job:
 
     def workers(self) -> dict[int, int]:
         """rank -> pid of the worker processes (children of the torchrun agent)."""
+        found = self._children()
+        assert sorted(found) == [0, 1], found
+        return found
+
+    def _children(self) -> dict[int, int]:
         found = {}
         for d in Path("/proc").iterdir():
             if not d.name.isdigit():
@@ -83,7 +88,6 @@ class _Job:
                 found[int(env["RANK"])] = int(d.name)
             except (OSError, ValueError, KeyError, IndexError):
                 continue  # (a process that just exited, or not a worker)
-        assert sorted(found) == [0, 1], found
         return found
 
     def wait(self, timeout=120) -> int:
@@ -93,7 +97,16 @@ class _Job:
             self.kill()
 
     def kill(self) -> None:
+        # torchrun starts each worker in a session of its own, so killing the agent's
+        # process group leaves them running (a stopped peer's partner then waits forever):
+        # the workers are killed by pid first.
         if self.proc.poll() is None:
+            for pid in self._children().values():
+                for sig in (signal.SIGKILL, signal.SIGCONT):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 os.killpg(self.proc.pid, signal.SIGCONT)

@@ -116,7 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_model_args(p)
     g = p.add_argument_group("optimization")
+    g.add_argument("--preset", choices=tuple(_presets()), default=None, metavar="NAME",
+                   help="start from a named recipe; flags given with it override its settings "
+                        "(--steps replaces its time budget). lecture: the defaults (the lecture's "
+                        "model); best-5min: the best model found for 5 minutes on 2 CPU cores "
+                        "on names.txt (block 8, emb 32, hidden 1024, batch 256, AdamW 2e-3 -> 1e-5 "
+                        "cosine, weight decay 0.1, --time-budget 300)")
     g.add_argument("--steps", type=_positive_int, default=None, help="default: 200000")
+    g.add_argument("--time-budget", type=_positive_float, default=None, metavar="SECONDS",
+                   help="train for SECONDS of wall time instead of --steps: the step rate (and the "
+                        "cost of an evaluation) is measured in the first ~1%% of the budget, then the "
+                        "number of steps is fixed so that the whole run, its periodic evaluations, "
+                        "checkpoints and final report included, ends on time, with the learning-rate "
+                        "schedule laid over it (recorded in the run's config: --resume finishes the "
+                        "same steps). Not with --steps")
     g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="minibatch size (per process under torchrun; default: 32)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: sgd")
@@ -202,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TRAIN_KEYS = ("data", "block_size", "emb_dim", "hidden", "steps", "batch_size", "optimizer",
+_TRAIN_KEYS = ("data", "block_size", "emb_dim", "hidden", "steps", "time_budget", "batch_size", "optimizer",
                "lr_schedule", "lr", "lr_final", "weight_decay", "seed", "init", "reference",
                "device", "threads", "split_seed", "test_count", "dev_count", "eval_every",
                "checkpoint_every", "eval_batch_size", "num_samples")
@@ -219,15 +232,26 @@ def _given(args: argparse.Namespace, keys) -> dict:
 # --------------------------------------------------------------------------- commands
 
 
+def _presets():
+    from .train import PRESETS
+
+    return PRESETS
+
+
 def cmd_train(args) -> int:
-    from .train import TrainConfig, _resume_dir, train
+    from .train import TrainConfig, _check_length, _resume_dir, preset_config, train
 
     given = _given(args, _TRAIN_KEYS)
     if args.resume is not None:
         if args.out is not None and Path(args.out) != _resume_dir(args.resume):
             raise _Usage("--resume continues a run in place; drop --out")
+        if args.preset is not None:
+            raise _Usage("--resume keeps the run's settings; drop --preset")
         train(TrainConfig(), resume=args.resume, overrides=given, progress=not args.quiet)
+    elif args.preset is not None:
+        train(preset_config(args.preset, **given), args.out, progress=not args.quiet)
     else:
+        _check_length(given)
         train(TrainConfig(**given), args.out, progress=not args.quiet)
     return 0
 

@@ -21,6 +21,15 @@ model (block 3, embedding 10, hidden 200, 200,000 steps of batch 32, plain SGD a
   so ``--resume`` continues bitwise identically on CPU. Ctrl-C or SIGTERM stops after the
   current step (plain SGD and fused AdamW: the current chunk of steps, ~0.2 s) and writes a
   checkpoint first.
+* **Time budgets.** ``time_budget`` (``--time-budget SECONDS``) trains for a wall-clock
+  budget instead of a step count: the step rate is measured on a throwaway copy of the
+  training state for ~1 % of the budget (0.3-2 s), with the cost of an evaluation, a
+  checkpoint and the final report, and the number of steps that fits is fixed before the
+  first step (:func:`budget_steps`; under torchrun rank 0's count, broadcast). The schedule
+  is laid over those steps, and the run is then exactly the ``steps=N`` run: the count is
+  in its config and checkpoints, so a resumed run finishes the same N steps. A machine
+  that slows down after the measurement (other processes) makes the run late rather than
+  cut its schedule short.
 * **One run, one directory, one writer.** The process that writes a run directory holds
   its :class:`~charmlp.checkpoint.RunLock` from before its first write to its end, so a
   second ``train`` or ``--resume`` on the same directory fails at once
@@ -79,10 +88,12 @@ from .checkpoint import (
     CheckpointError,
     RunLock,
     WriteError,
+    atomic_write,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
     save_checkpoint,
+    verify_file,
 )
 from .data import Corpus, Split, Vocab, build_examples, load_corpus, split_words
 from .model import NOTEBOOK_SEED, MLPLanguageModel
@@ -106,6 +117,9 @@ __all__ = [
     "lr_find",
     "resume_config",
     "RESUME_MUTABLE",
+    "PRESETS",
+    "preset_config",
+    "budget_steps",
 ]
 
 #: Default (initial, final) learning rates per optimizer. SGD: the lecture's 0.1 -> 0.01.
@@ -129,6 +143,26 @@ DIST_TIMEOUT_ENV = "CHARMLP_DIST_TIMEOUT"
 DIST_TIMEOUT_DEFAULT_S = 60.0
 #: Largest loss whose perplexity exp(loss) is a finite float; a run beyond it diverged.
 MAX_LOSS = math.log(sys.float_info.max)
+
+
+#: ``--time-budget``: the share of the budget spent measuring the step rate before the
+#: step count is fixed, and its bounds in seconds (the measurement counts in the budget).
+BUDGET_PROBE_SHARE = 0.01
+BUDGET_PROBE_MIN_S, BUDGET_PROBE_MAX_S = 0.3, 2.0
+
+#: Named recipes for ``--preset`` (``charmlp train --preset NAME``): settings that replace
+#: the defaults; explicit flags still win. ``lecture`` is the default model itself.
+#: ``best-5min`` is the best model found in 5 minutes of 2 CPU cores on names.txt's lecture
+#: split, tuned on the dev split alone (scripts/sweep_preset.py and its table in
+#: benchmarks/results/cpu/preset_sweep.md): the Bengio et al. model (embedding, one tanh
+#: hidden layer, softmax), AdamW with decoupled weight decay on a cosine schedule laid over
+#: a 300 s budget.
+PRESETS: dict[str, dict] = {
+    "lecture": {},
+    "best-5min": dict(block_size=8, emb_dim=32, hidden=1024, batch_size=256, optimizer="adamw",
+                      lr_schedule="cosine", lr=2e-3, lr_final=1e-5, weight_decay=0.1,
+                      init="default", time_budget=300.0),
+}
 
 
 class ConfigError(ValueError):
@@ -174,7 +208,8 @@ class TrainConfig:
     block_size: int = 3
     emb_dim: int = 10
     hidden: int = 200
-    steps: int = 200_000
+    steps: int = 200_000             # with time_budget: fixed by the budget's estimate
+    time_budget: float | None = None  # seconds of wall time for the whole run (see budget_steps)
     batch_size: int = 32
     optimizer: str = "sgd"
     lr_schedule: str = "step"
@@ -193,6 +228,7 @@ class TrainConfig:
     checkpoint_every: int = 10_000   # 0: only at the end
     eval_batch_size: int = 65_536
     num_samples: int = 10
+    preset: str | None = None        # the --preset the settings started from (a record)
 
     def resolved(self) -> "TrainConfig":
         """A copy with the optimizer-dependent defaults filled in, validated."""
@@ -235,6 +271,12 @@ class TrainConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.dev_count is not None and self.test_count is None:
             raise ConfigError("--dev-count needs --test-count (the lecture split is 80/10/10)")
+        if self.time_budget is not None:
+            b = self.time_budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not (b > 0 and math.isfinite(b)):
+                raise ConfigError(f"time-budget must be a number of seconds > 0, got {b!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,6 +288,28 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training settings {sorted(unknown)} (written by a newer charmlp?)")
         return cls(**d)
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """The config of preset ``name`` (see :data:`PRESETS`) with ``overrides`` on top.
+
+    ``steps`` and ``time_budget`` both set the run's length: an explicit ``steps``
+    replaces the preset's time budget, and giving both is a :class:`ConfigError`.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    _check_length(overrides)
+    settings = dict(PRESETS[name])
+    if "steps" in overrides:
+        settings.pop("time_budget", None)
+    settings.update(overrides)
+    return TrainConfig(**settings, preset=name)
+
+
+def _check_length(given: dict) -> None:
+    if given.get("steps") is not None and given.get("time_budget") is not None:
+        raise ConfigError("--time-budget fixes the number of steps itself; give --time-budget "
+                          "or --steps, not both")
 
 
 def resume_config(saved: dict, overrides: dict) -> TrainConfig:
@@ -280,6 +344,31 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "step":
         return cfg.lr if step < cfg.steps // 2 else cfg.lr_final
     return cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1.0 + math.cos(math.pi * step / cfg.steps))
+
+
+def _every_count(every: int, steps: int) -> int:
+    """How many times a periodic evaluation or checkpoint runs in a run of ``steps`` steps
+    (at steps ``every, 2 every, ...`` below ``steps``; the final one is separate)."""
+    return (steps - 1) // every if every > 0 and steps > 0 else 0
+
+
+def budget_steps(seconds: float, step_s: float, eval_every: int = 0, eval_s: float = 0.0,
+                 checkpoint_every: int = 0, checkpoint_s: float = 0.0) -> int:
+    """The most steps that fit in ``seconds``: each step takes ``step_s``, and every
+    ``eval_every`` (``checkpoint_every``) steps an evaluation (a checkpoint) takes
+    ``eval_s`` (``checkpoint_s``). 0 when not even one step fits."""
+    if not seconds > 0 or not step_s > 0:
+        return 0
+
+    def cost(n: int) -> float:
+        return (n * step_s + _every_count(eval_every, n) * eval_s
+                + _every_count(checkpoint_every, n) * checkpoint_s)
+
+    lo, hi = 0, int(seconds / step_s) + 1  # cost(lo) <= seconds < cost(hi); cost grows with n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds else (lo, mid)
+    return lo
 
 
 def batch_seed(seed: int, rank: int) -> int:
@@ -777,7 +866,7 @@ def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device) -> MLP
 
 def train(cfg: TrainConfig | None, out: str | Path | None = None, *, resume: str | Path | None = None,
           overrides: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
-          progress_stream=None) -> dict:
+          progress_stream=None, on_eval: Callable[[dict], None] | None = None) -> dict:
     """Train (or, with ``resume=RUN_DIR``, continue) a model; return the results dict.
 
     ``cfg`` is ignored when resuming: the run's saved config is used, with ``overrides``
@@ -785,13 +874,25 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, *, resume: str
     Results are also written to ``RUN_DIR/results.json``. The run directory is locked for
     the whole call (:class:`~charmlp.checkpoint.RunDirInUse` if another process has it).
     Under torchrun, call it on every rank; only rank 0 prints, locks and writes files.
+
+    ``cfg.time_budget`` (seconds) trains for that wall time instead of ``cfg.steps``: the
+    step count is fixed from a measurement of the step rate at the start (see
+    :func:`_measure_budget`), and the run is then exactly the ``steps=N`` run, schedule,
+    checkpoints and resume included (a resumed run finishes the same N steps). The budget
+    counts from this call to the final report (evaluations, checkpoints, samples included).
+
+    ``on_eval`` (rank 0) is called after each evaluation with a dict: ``step``, ``train``
+    and ``dev`` losses, ``final``, ``train_time_s``, ``wall_time_s`` (from this call's start
+    to this evaluation's) and ``eval_time_s`` (seconds spent in the earlier evaluations), so
+    ``wall_time_s - eval_time_s`` is the wall time that the evaluations did not take.
     """
     wall0 = time.perf_counter()
     if resume is None and cfg is None:
         raise TypeError("train() needs a TrainConfig, or resume=RUN_DIR")
     with _Ownership() as own:
         try:
-            return _train_in(cfg, out, resume, overrides, own, progress, log, progress_stream, wall0)
+            return _train_in(cfg, out, resume, overrides, own, progress, log, progress_stream, wall0,
+                             on_eval)
         except OSError as e:  # a failed write (read-only or full disk): one line naming the path
             if isinstance(e, (TimeoutError, ConnectionError)) or e.errno is None:
                 raise
@@ -800,7 +901,7 @@ def train(cfg: TrainConfig | None, out: str | Path | None = None, *, resume: str
 
 
 def _train_in(cfg, out, resume, overrides, own: _Ownership, progress, log, progress_stream,
-              wall0) -> dict:
+              wall0, on_eval=None) -> dict:
     ckpt, default_name = None, False
     if resume is not None:
         run_dir = _resume_dir(resume)
@@ -821,7 +922,7 @@ def _train_in(cfg, out, resume, overrides, own: _Ownership, progress, log, progr
     d = _setup_distributed(cfg.device)
     try:
         results = _train(cfg, run_dir, default_name, ckpt, d, own, progress, log,
-                         progress_stream, wall0)
+                         progress_stream, wall0, on_eval)
     except BaseException as e:
         # No barrier here: the other ranks may be blocked in a collective this rank will never
         # join. Leave the group and let the exception end the process; torchrun then stops
@@ -869,8 +970,139 @@ def _keep_last_good(run_dir: Path, good_step: int | None) -> Path | None:
     return dst
 
 
+def _measure_budget(cfg: TrainConfig, model: MLPLanguageModel, net, fast_sgd: bool, Xtr, Ytr,
+                    data: _Data, d: _Dist, device: torch.device, wall0: float, run_dir: Path) -> dict:
+    """``--time-budget``: fix the number of steps so that the whole run, from :func:`train`'s
+    start to its final report, takes ``cfg.time_budget`` seconds. Returns the estimate
+    (``steps`` among it), the same on every rank.
+
+    The step rate is measured on the run's own model, training path and data (the chunks of
+    steps the loop takes, the minibatch draws and gathers, the learning rates, the metrics
+    rows, the finiteness check; under DDP the gradient all-reduce) for
+    :data:`BUDGET_PROBE_SHARE` of the budget (0.3-2 s), on minibatches of a separate
+    generator with a throwaway optimizer; then the parameters are put back bitwise, so the
+    run is exactly the ``--steps N`` run it fixed (the measurement's time counts in the
+    budget). Rank 0 also times an evaluation (per example, for the periodic and the final
+    evaluations), a checkpoint's serialization and the final samples; it solves for the
+    steps that fit (:func:`budget_steps`) and broadcasts them.
+    """
+    budget = float(cfg.time_budget)
+    probe_s = min(BUDGET_PROBE_MAX_S, max(BUDGET_PROBE_MIN_S, BUDGET_PROBE_SHARE * budget))
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = None
+    if not fast_sgd:
+        optim = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+        opt = optim(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # Its own minibatch stream (torch.randint, as draw_batches draws): the run's generator
+    # is not touched.
+    gen = torch.Generator().manual_seed(batch_seed(cfg.seed, d.rank) ^ 0x5EED)
+    on_cpu = device.type == "cpu"
+    ntr = Xtr.shape[0]
+
+    def chunk(k: int) -> None:
+        ix = torch.randint(0, ntr, (k, cfg.batch_size), generator=gen).to(device, non_blocking=True)
+        xs, ys = Xtr[ix], Ytr[ix]
+        lrs = [learning_rate(cfg, j) for j in range(k)]
+        if fast_sgd:
+            losses = model.sgd_steps(xs, ys, lrs).tolist()
+        else:
+            losses = []
+            for j in range(k):
+                for group in opt.param_groups:
+                    group["lr"] = lrs[j]
+                _, loss = net(xs[j], ys[j])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()) if on_cpu else loss.detach())
+            if not on_cpu:
+                losses = torch.stack(losses).tolist()
+        if not on_cpu:
+            torch.cuda.synchronize(device)
+        "".join(f"{j},{lr:.6g},{x:.6f}\n" for j, (lr, x) in enumerate(zip(lrs, losses)))  # (the rows' cost)
+        all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+    model.train()
+    t_start = time.perf_counter()
+    chunk(16)  # warm-up: first-call costs (allocations, threads, the optimizer's state)
+    t0 = time.perf_counter()
+    chunk(64)
+    warm = 64 + 16
+    rate = 64 / max(time.perf_counter() - t0, 1e-9)
+    steps, spent = 0, 0.0
+    k = int(min(2000, max(16, rate * 0.1)))
+    _, _, k = _agree(d, False, math.inf, k)  # (under DDP every rank takes the same chunks)
+    while True:
+        t0 = time.perf_counter()
+        chunk(k)
+        dt = time.perf_counter() - t0
+        steps, spent = steps + k, spent + dt
+        rate = steps / spent if spent > 0 else 1e6
+        left = probe_s - (time.perf_counter() - t_start)
+        k = int(min(2000, max(16, rate * min(0.1, max(left, 0.0)))))
+        done, _, k = _agree(d, left <= 0, math.inf, k)
+        if done:
+            break
+    probe_elapsed = time.perf_counter() - t_start
+    step_s = spent / steps
+    with torch.no_grad():
+        model.load_state_dict(saved)
+    for p in model.parameters():
+        p.grad = None
+
+    info = None
+    if d.is_main:
+        model.eval()
+        X, Y = data.tensors["dev"]
+        if X.shape[0] < 1000:
+            X, Y = data.tensors["train"]
+        X, Y = X[:50_000].to(device), Y[:50_000].to(device)
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            evaluate(model, X, Y, cfg.eval_batch_size)
+            times.append(time.perf_counter() - t0)
+        per_row = min(times) / X.shape[0]
+        rows = {name: t[0].shape[0] for name, t in data.tensors.items()}
+        eval_s = per_row * (rows["train"] + rows["dev"])
+        # A checkpoint's size and writing (temp file, fsync, verify, rename), twice: the best.
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict() if opt is not None else None,
+                 "split": data.split.to_dict(), "corpus": data.corpus, "vocab": data.vocab.to_dict()}
+        probe_file = run_dir / ".budget-probe.pt"
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            atomic_write(probe_file, lambda f: torch.save(state, f), verify=verify_file)
+            times.append(time.perf_counter() - t0)
+        probe_file.unlink(missing_ok=True)
+        checkpoint_s = min(times)
+        t0 = time.perf_counter()
+        sample_words(model, data.vocab, cfg.num_samples, torch.Generator().manual_seed(0),
+                     train_words=data.split.train)
+        final_s = (time.perf_counter() - t0 + checkpoint_s + per_row * sum(rows.values()) + 0.02)
+        model.train()
+        setup_s = time.perf_counter() - wall0
+        n = budget_steps(budget - setup_s - final_s, step_s, cfg.eval_every, eval_s,
+                         cfg.checkpoint_every, checkpoint_s)
+        info = {"budget_s": budget, "steps": n, "steps_per_s": 1.0 / step_s,
+                "probe_s": probe_elapsed, "probe_steps": steps + warm, "setup_s": setup_s,
+                "eval_s": eval_s, "evaluations": _every_count(cfg.eval_every, n),
+                "checkpoint_s": checkpoint_s, "checkpoints": _every_count(cfg.checkpoint_every, n),
+                "final_s": final_s}
+    del opt
+    if d.enabled:
+        box = [info]
+        dist.broadcast_object_list(box, src=0)
+        info = box[0]
+    if info["steps"] < 1:
+        raise ConfigError(f"--time-budget {budget:g} s leaves no time to train: loading the data and "
+                          f"measuring the speed took {info['setup_s']:.1f} s and the final evaluation "
+                          f"needs ~{info['final_s']:.1f} s; give a larger budget")
+    return info
+
+
 def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownership, progress, log,
-           progress_stream, wall0) -> dict:
+           progress_stream, wall0, on_eval=None) -> dict:
     main = d.is_main
     say = (log or (lambda s: print(s, flush=True))) if main else (lambda s: None)
     if cfg.threads is not None:
@@ -917,6 +1149,17 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
         net = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     gen = torch.Generator().manual_seed(batch_seed(cfg.seed, d.rank))
 
+    budget = None
+    if ckpt is not None:
+        budget = ckpt.get("budget")
+    elif cfg.time_budget is not None:
+        budget = _measure_budget(cfg, model, net, fast_sgd, Xtr, Ytr, data, d, device, wall0, run_dir)
+        cfg = dataclasses.replace(cfg, steps=budget["steps"])
+        say(f"time budget {cfg.time_budget:g} s: {budget['steps_per_s']:,.0f} steps/s over "
+            f"{budget['probe_s']:.1f} s (on a throwaway copy of the state), an evaluation ~"
+            f"{budget['eval_s']:.2f} s, the final report ~{budget['final_s']:.2f} s: "
+            f"{cfg.steps:,} steps, the {cfg.lr_schedule} schedule laid over them")
+
     step, train_time = 0, 0.0
     if ckpt is not None:
         try:
@@ -945,6 +1188,8 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
             dist.all_gather_object(states, gen.get_state())
         if main:
             extra = {} if diverged is None else {"diverged": diverged}  # (resume refuses it)
+            if budget is not None:
+                extra["budget"] = budget
             save_checkpoint(run_dir / CHECKPOINT_NAME, {**extra,
                 "step": at_step,
                 "model": {"config": model.config(),
@@ -966,6 +1211,8 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
     if main:
         config_doc = {"train_config": cfg.to_dict(), "model": model.config(), "parameters": nparams,
                       "corpus": data.corpus, "vocab": data.vocab.to_dict(), "world_size": d.world_size}
+        if budget is not None:
+            config_doc["time_budget"] = budget
         atomic_write_json(run_dir / "config.json", config_doc)
         atomic_write_json(run_dir / "split.json", data.split.to_dict())
         files = _RunFiles(run_dir, step)
@@ -1031,6 +1278,8 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
             "corpus": data.corpus,
             "samples": [{"word": s.word, "in_train": s.in_train} for s in samples],
         }
+        if budget is not None:
+            doc["time_budget"] = budget
         if diverged is not None:
             doc["diverged"] = diverged
         return doc
@@ -1058,6 +1307,7 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
             dist.barrier()  # rank 0 has written everything before any rank exits
         raise TrainingDiverged(at, loss, last_lr, run_dir, what, kept)
 
+    eval_time = 0.0  # seconds in periodic evaluations (for on_eval)
     model.train()
     with _StopRequest(enabled=True, notify=lambda m: (bar.clear(), say(m)),
                       distributed=d.enabled) as stop:
@@ -1128,10 +1378,16 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
                 raise TrainingInterrupted(step, run_dir)
             if due(cfg.eval_every, step):
                 if main:
+                    t_eval = time.perf_counter()
                     model.eval()
                     tr = evaluate(model, Xtr, Ytr, cfg.eval_batch_size)
                     dev = evaluate(model, *(t.to(device) for t in data.tensors["dev"]), cfg.eval_batch_size)
                     model.train()
+                    if on_eval is not None:
+                        on_eval({"step": step, "train": tr, "dev": dev, "final": False,
+                                 "train_time_s": train_time, "eval_time_s": eval_time,
+                                 "wall_time_s": t_eval - wall0})
+                    eval_time += time.perf_counter() - t_eval
                     files.log_eval(step, tr, dev)
                     bar.clear()
                     say(f"step {step:,}: train {tr:.4f}  dev " + ("n/a" if dev is None else f"{dev:.4f}"))
@@ -1147,7 +1403,12 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
 
     results = None
     if main:
+        t_eval = time.perf_counter()
         reports = final_reports()
+        if on_eval is not None:
+            on_eval({"step": step, "train": reports["train"]["loss"], "dev": reports["dev"]["loss"],
+                     "final": True, "train_time_s": train_time, "eval_time_s": eval_time,
+                     "wall_time_s": t_eval - wall0})
         files.log_eval(step, reports["train"]["loss"], reports["dev"]["loss"])
         bad = [n for n, r in reports.items() if r["loss"] is not None and _diverged(r["loss"])]
         if bad:  # finite parameters can still overflow the logits
@@ -1163,7 +1424,8 @@ def _train(cfg, run_dir: Path, default_name: bool, ckpt, d: _Dist, own: _Ownersh
         say("final losses (nats per character):")
         say(format_losses(reports))
         say(f"trained {step:,} steps in {train_time:.1f} s ({results['steps_per_s'] or 0:,.0f} steps/s); "
-            f"wall time {wall:.1f} s")
+            f"wall time {wall:.1f} s"
+            + (f" (time budget {cfg.time_budget:g} s)" if cfg.time_budget is not None and ckpt is None else ""))
         if samples:
             say(f"samples (seed {cfg.seed + 10}; * = occurs in the training words):")
             say(format_samples(samples))

@@ -656,6 +656,47 @@ class CharmlpAlgorithmArm(CharmlpArm):
         return self._with(lambda: super(CharmlpAlgorithmArm, self).train_step(idx, y))
 
 
+class CharmlpCapabilityArm:
+    """A charmlp arm whose calls run the CPU kernels of another capability (``charmlp@avx2``):
+    the capabilities' kernels side by side in one process, against the same PyTorch arms.
+    Only charmlp's kernels change; torch's own (the PyTorch arms, MKL) keep this CPU's."""
+
+    def __new__(cls, base: type[CharmlpArm], capability: str):
+        class _Arm(base):
+            name = f"{base.name}@{capability}"
+            label = f"{base.label} [{capability}]"
+            description = f"{base.description} CPU kernels: `charmlp.set_cpu_capability({capability!r})`."
+
+            def available(self, device):
+                if device.type != "cpu":
+                    return False, "CPU capabilities are a CPU matter"
+                if capability not in charmlp.build_info()["cpu_capabilities_supported"]:
+                    return False, f"this CPU cannot run '{capability}'"
+                return super().available(device)
+
+            def _with(self, fn):
+                prev = charmlp.cpu_capability()
+                charmlp.set_cpu_capability(capability)
+                try:
+                    return fn()
+                finally:
+                    charmlp.set_cpu_capability(prev)
+
+            def setup(self, *a):
+                return self._with(lambda: super(_Arm, self).setup(*a))
+
+            def forward(self, idx, y):
+                return self._with(lambda: super(_Arm, self).forward(idx, y))
+
+            def backward(self, loss):
+                return self._with(lambda: super(_Arm, self).backward(loss))
+
+            def train_step(self, idx, y):
+                return self._with(lambda: super(_Arm, self).train_step(idx, y))
+
+        return _Arm()
+
+
 ARMS: dict[str, Callable[[], Arm]] = {
     "seed": SeedArm,
     "functional": FunctionalArm,
@@ -666,6 +707,10 @@ ARMS: dict[str, Callable[[], Arm]] = {
     "charmlp-graph": CharmlpGraphArm,
     "compile-traced": CompileTracedArm,
 }
+# charmlp@<capability>, charmlp-loop@<capability>: the same arms on each compiled capability's kernels
+for _cap in charmlp.build_info()["cpu_capabilities"]:
+    for _base in (CharmlpArm, CharmlpLoopArm):
+        ARMS[f"{_base.name}@{_cap}"] = (lambda b, c: lambda: CharmlpCapabilityArm(b, c))(_base, _cap)
 DEFAULT_ARMS = ["seed", "functional", "compile", "charmlp-loop", "charmlp", "compile-ro", "charmlp-graph"]
 REFERENCE_ARM = "seed"
 
@@ -1230,7 +1275,10 @@ def environment(device: torch.device, threads: int) -> dict:
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "interop_threads": torch.get_num_interop_threads(),
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CHARMLP_CPU_CAPABILITY",
+                                           "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                if k in os.environ},
+        "cpu_capability": charmlp.cpu_capability(),
         "loadavg_start": _loadavg(),
     }
     if device.type == "cuda":
@@ -1510,6 +1558,8 @@ def render_markdown(res: dict, ablation: dict | None = None, plots: list[str] | 
         f"- device: `{env['device']}`" + (f" ({env['gpu']}, CUDA {env['cuda_runtime']})" if "gpu" in env else ""),
         f"- CPU: {env['cpu_model']}, {env['cpu_count']} logical CPUs; **torch threads: {env['threads']}** "
         f"(interop {env['interop_threads']})" + (f"; {env['env']}" if env["env"] else ""),
+        f"- **charmlp CPU kernels: {env.get('cpu_capability', bi.get('cpu_capability', '?'))}** (of "
+        f"{', '.join(bi.get('cpu_capabilities_supported', []))} this CPU runs; `charmlp@X` arms switch to X)",
         f"- load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')} "
         "(anything else running on the machine shows up here and in the timings)",
         f"- torch {env['torch']}, Python {env['python']}",

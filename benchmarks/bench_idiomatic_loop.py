@@ -221,7 +221,9 @@ def render(results: list[dict], env: dict, command: str) -> str:
            "`logits, loss = model(x, y); opt.zero_grad(); loss.backward(); opt.step()`, median time per",
            "step (speed-up over the seed notebook's loop). `plain` is the same loop on `fused=False`; ",
            "`forward_backward` and `sgd_step` are charmlp's bespoke calls. See the script's docstring.", "",
-           f"`{command}`; torch {env['torch']}, {env['cpu_model']}, {env['threads']} threads, {env['date']}.", ""]
+           f"`{command}`; torch {env['torch']}, {env['cpu_model']}, {env['threads']} threads, "
+           f"charmlp CPU kernels: {env.get('cpu_capability', '?')}"
+           + (f" ({env['env']})" if env["env"] else "") + f", {env['date']}.", ""]
     for optimizer in ("sgd", "adamw"):
         for data in ("names", "random"):
             lines = table(results, optimizer, data)

@@ -741,6 +741,7 @@ def render_markdown(res: dict, plot: str | None) -> str:
         f"- date: {env['date']}; total run time {res['elapsed_s']:.0f} s",
         f"- CPU: {env['cpu_model']}, {env['cpu_count']} logical CPUs; **torch threads: {env['threads']}** "
         f"(interop {env['interop_threads']})" + (f"; {env['env']}" if env["env"] else ""),
+        f"- **charmlp CPU kernels: {env.get('cpu_capability', '?')}**",
         f"- load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')} "
         "(a shared machine: other processes' work shows up here and in the timings)",
         f"- torch {env['torch']}, Python {env['python']}; charmlp {env['charmlp']} build: "

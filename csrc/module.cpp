@@ -4,6 +4,7 @@
 // so charmlp can refuse to run against a different torch, and has eager entry points
 // for the layer ops (see below).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/python.h>  // at::Tensor <-> torch.Tensor for pybind11
 
@@ -15,6 +16,7 @@
 #include <tuple>
 
 #include "cpu/context_grouping.h"
+#include "cpu/cpu_dispatch.h"
 #include "op_handles.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/output_gemm.h"
@@ -46,20 +48,11 @@ py::dict build_info() {
 #endif
   info["compiler"] = CHARMLP_COMPILER;
   info["cxx_flags"] = CHARMLP_CXX_FLAGS;
-  py::list simd;
-#ifdef __AVX2__
-  simd.append("avx2");
-#endif
-#ifdef __FMA__
-  simd.append("fma");
-#endif
-#ifdef __AVX512F__
-  simd.append("avx512f");
-#endif
-#ifdef __ARM_NEON
-  simd.append("neon");
-#endif
-  info["simd"] = simd;
+  // The CPU kernels' instruction sets (cpu/capability.h); the one in use is added by
+  // charmlp.build_info(), since it can change after import.
+  info["cpu_capabilities"] = charmlp::compiled_cpu_capabilities();
+  info["cpu_capabilities_supported"] = charmlp::supported_cpu_capabilities();
+  info["cpu_capability_flags"] = CHARMLP_CPU_CAPABILITY_FLAGS;
   info["parallel"] = at::get_parallel_info();
   return info;
 }
@@ -167,6 +160,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "charmlp native extension: registers the charmlp::* operators";
   m.def("build_info", &build_info,
         "How this extension was built: torch version, CUDA and arch list, OpenMP, compiler, SIMD.");
+  m.def("_cpu_capability", &charmlp::cpu_capability,
+        "The instruction set of the CPU kernels in use: 'default', 'avx2' or 'avx512'.");
+  m.def("_set_cpu_capability", &charmlp::set_cpu_capability,
+        "Run the CPU kernels compiled for this instruction set (ValueError if not compiled or "
+        "not supported by this CPU).");
   m.def("_set_embed_algorithm", &set_embed_algorithm,
         "Force the CPU embed_linear_tanh algorithm: 'auto' (cost model), 'direct' or 'folded'.");
   m.def("_get_embed_algorithm", &get_embed_algorithm);

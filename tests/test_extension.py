@@ -13,7 +13,8 @@ import charmlp
 def test_build_info_matches_the_running_torch():
     info = charmlp.build_info()
     assert info["torch_version"] == torch.__version__
-    for key in ("cuda", "cuda_arch_list", "cuda_version", "openmp", "compiler", "cxx_flags", "simd"):
+    for key in ("cuda", "cuda_arch_list", "cuda_version", "openmp", "compiler", "cxx_flags", "cpu_capabilities",
+                "cpu_capabilities_supported", "cpu_capability"):
         assert key in info
     assert info["cuda"] == charmlp.has_cuda_kernels()
 

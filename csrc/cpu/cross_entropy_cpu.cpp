@@ -16,19 +16,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "class_weight.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
 #include "cpu/softmax_xent_row.h"
 #include "cpu/workspace.h"
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 namespace {
 // Rows per parallel task: 256 at the character vocabulary, fewer for long rows, so that a
@@ -264,10 +264,5 @@ at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target
   return scales;
 }
 
-TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
-  m.impl("cross_entropy", &cross_entropy_cpu);
-  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
-  m.impl("cross_entropy_and_grads", &cross_entropy_and_grads_cpu);
-}
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

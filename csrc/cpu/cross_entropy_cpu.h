@@ -2,9 +2,11 @@
 // linear_cross_entropy and mlp_sgd_step.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <ATen/ATen.h>
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // Number of rows whose target is not ignore_index.  target64: contiguous int64 [B]
 int64_t count_targets_cpu(const at::Tensor& target64, int64_t ignore_index);
@@ -23,4 +25,4 @@ at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target
                            int64_t reduction, int64_t ignore_index, int64_t count,
                            at::ScalarType acc_dtype);
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

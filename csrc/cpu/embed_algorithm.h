@@ -8,6 +8,8 @@
 //          for this model (V = 27) it is ~E times less work at any sizable batch.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <cstdint>
 
 namespace charmlp {
@@ -17,6 +19,10 @@ enum class EmbedAlgorithm : int { kAuto = 0, kDirect = 1, kFolded = 2 };
 // Process-wide override for tests and benchmarks (charmlp._C._set_embed_algorithm).
 void set_embed_algorithm(EmbedAlgorithm algorithm);
 EmbedAlgorithm get_embed_algorithm();
+
+}  // namespace charmlp
+
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // Cost model: folded costs 2*V*E*H*T flops to build P plus ~2 flop-equivalents
 // per gather-add (memory bound: ~T*H*2 per row); direct costs 2*E*T*H per row.
@@ -35,4 +41,4 @@ inline bool use_folded(int64_t B, int64_t T, int64_t V, int64_t E, int64_t H,
   return fixed_cost_scale * V * E + 2 * B < B * E;
 }
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -24,23 +24,21 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <optional>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/first_layer.h"
 #include "cpu/index_check.h"
 #include "cpu/vec_math.h"
 #include "cpu/workspace.h"
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 namespace {
-std::atomic<int> g_embed_algorithm{static_cast<int>(EmbedAlgorithm::kAuto)};
 
 // Rows per tile of the direct algorithm: big enough for an efficient GEMM,
 // small enough that the tile ([rows, T*E]) stays in L2 for typical T*E.
@@ -63,13 +61,6 @@ constexpr int64_t kSmallDirectChunk = 64;
 // double keeps such batches direct; the lecture's B >= 256 stay folded.
 constexpr int64_t kFoldedFixedCostScale = 2;
 }  // namespace
-
-void set_embed_algorithm(EmbedAlgorithm algorithm) {
-  g_embed_algorithm.store(static_cast<int>(algorithm));
-}
-EmbedAlgorithm get_embed_algorithm() {
-  return static_cast<EmbedAlgorithm>(g_embed_algorithm.load());
-}
 
 namespace {
 
@@ -315,9 +306,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cpu(
   return grads;
 }
 
-TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
-  m.impl("embed_linear_tanh", &embed_linear_tanh_cpu);
-  m.impl("embed_linear_tanh_backward", &embed_linear_tanh_backward_cpu);
-}
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -11,13 +11,15 @@
 //   grad_W_j = S_j^T @ table,   grad_table = sum_j S_j @ W_j.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <algorithm>
 #include <cstdint>
 
 #include "cpu/small_gemm.h"
 #include "cpu/vec_math.h"
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // P [T, V, H]: P_j = table [V, E] @ Wt[j*E:(j+1)*E, :], with Wt = weight^T [T*E, H].
 template <typename T>
@@ -198,4 +200,4 @@ inline void folded_weight_grads(const T* S, const T* weight, const T* table, T* 
   }
 }
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -2,6 +2,8 @@
 // would otherwise read or write outside a parameter table.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -9,7 +11,7 @@
 
 #include "checks.h"
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // Returns idx as a contiguous int64 tensor (a no-op for contiguous int64 input)
 // after checking that every value lies in [0, bound) or equals `allowed`.
@@ -32,4 +34,4 @@ inline at::Tensor checked_indices_cpu(const at::Tensor& idx, int64_t bound, cons
   return out;
 }
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

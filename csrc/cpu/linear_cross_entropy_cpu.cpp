@@ -31,28 +31,20 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <optional>
 #include <type_traits>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "class_weight.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
 #include "cpu/output_gemm.h"
 #include "cpu/output_layer.h"
 
-namespace charmlp {
-
-namespace {
-std::atomic<int> g_output_gemm{static_cast<int>(OutputGemm::kAuto)};
-}  // namespace
-
-void set_output_gemm(OutputGemm gemm) { g_output_gemm.store(static_cast<int>(gemm)); }
-OutputGemm get_output_gemm() { return static_cast<OutputGemm>(g_output_gemm.load()); }
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 namespace {
 
@@ -338,10 +330,5 @@ linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& we
           grad_weight.to(dtype), grad_bias.to(dtype)};
 }
 
-TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
-  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
-  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
-  m.impl("linear_cross_entropy_and_grads", &linear_cross_entropy_and_grads_cpu);
-}
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -48,15 +48,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <limits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/kernels.h"
 #include "cpu/context_grouping.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/first_layer.h"
@@ -64,14 +63,7 @@
 #include "cpu/output_layer.h"
 #include "cpu/workspace.h"
 
-namespace charmlp {
-
-namespace {
-std::atomic<bool> g_context_grouping{true};
-}  // namespace
-
-void set_context_grouping(bool enabled) { g_context_grouping.store(enabled); }
-bool get_context_grouping() { return g_context_grouping.load(); }
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 namespace {
 
@@ -545,13 +537,5 @@ at::Tensor mlp_sgd_steps_cpu(const at::Tensor& idx, const at::Tensor& target, at
   return losses;
 }
 
-TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
-  m.impl("mlp_cross_entropy", &mlp_cross_entropy_cpu);
-  m.impl("mlp_cross_entropy_and_grads", &mlp_cross_entropy_and_grads_cpu);
-  m.impl("mlp_logits_cross_entropy", &mlp_logits_cross_entropy_cpu);
-  m.impl("mlp_logits_cross_entropy_and_grads", &mlp_logits_cross_entropy_and_grads_cpu);
-  m.impl("mlp_sgd_step", &mlp_sgd_step_cpu);
-  m.impl("mlp_sgd_steps", &mlp_sgd_steps_cpu);
-}
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -11,6 +11,8 @@
 //         where a BLAS GEMM blocks it for cache: 3x slower at V = 32,000, H = 512.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <cstdint>
 
 namespace charmlp {
@@ -20,6 +22,10 @@ enum class OutputGemm : int { kAuto = 0, kSmall = 1, kAten = 2 };
 // Process-wide override for tests and benchmarks (charmlp._C._set_output_gemm).
 void set_output_gemm(OutputGemm gemm);
 OutputGemm get_output_gemm();
+
+}  // namespace charmlp
+
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // The weight is V * H elements. Measured forward + backward (2 threads, B = 32 and 4,096):
 // at the lecture's head (200 x 27 = 5,400) the two paths tie; from ~16 K on ATen's wins
@@ -37,4 +43,4 @@ inline bool use_aten_gemm(int64_t V, int64_t H) {
   return V * H >= kAtenGemmMinWeight;
 }
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

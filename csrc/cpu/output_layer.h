@@ -11,6 +11,8 @@
 // (and softmax) are never stored: only lse [B] survives the forward.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,7 +23,7 @@
 #include "cpu/softmax_xent_row.h"
 #include "cpu/workspace.h"
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // Rows per chunk: h (64 x 200 floats = 50 KB) and logits stay cache resident.
 constexpr int64_t kOutputChunkRows = 64;
@@ -154,4 +156,4 @@ inline void output_backward(int64_t n, int64_t H, int64_t V, const T* dlogits, c
   if (dh) small_gemm<T>(n, H, V, row_major(dlogits, Vp), W, H, dh, H, /*accumulate=*/false);
 }
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -14,20 +14,22 @@
 // across the whole K loop: per k, two vector loads of B, up to eight broadcasts
 // of A and sixteen FMAs. Two vectors per row rather than one halve the
 // broadcasts per FMA, which otherwise compete with the B loads for the load
-// ports (measured on the logits GEMM [64 x 200] @ [200 x 32]: ~1.2x). With
-// -march=native GCC turns the fixed-size inner loops into AVX-512 (or AVX2)
-// FMAs; the kernel is FMA-bound once K is more than a few dozen.
+// ports (measured on the logits GEMM [64 x 200] @ [200 x 32]: ~1.2x). Compiled per
+// capability (cpu/capability.h), GCC turns the fixed-size inner loops into AVX-512 or
+// AVX2 FMAs; the kernel is FMA-bound once K is more than a few dozen.
 #pragma once
+
+#include "cpu/capability.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 template <typename T>
 struct MatrixRef {
@@ -43,10 +45,23 @@ template <typename T>
 inline MatrixRef<T> transposed(const T* data, int64_t ld) { return {data, 1, ld}; }
 
 namespace detail {
+// The register block is kGemmMaxRows rows of C by two vectors: its accumulators, the
+// two vectors of B and the broadcast of A must fit the register file, or GCC spills
+// accumulators to the stack inside the K loop (a load and a store per FMA).
+//   AVX-512: 32 zmm, 8 x 2 accumulators (16) + 3.
+//   AVX2:    16 ymm, 6 x 2 accumulators (12) + 3, the shape of BLIS's Haswell kernel
+//            (8 x 2 needs 19 registers: the lecture's SGD step under AVX2 took 1.13-1.15x
+//            longer at B = 32 and 1.08x at B = 4,096, timed against this one).
+//   baseline (SSE2): 16 xmm, 6 x 2 of 4 floats.
 #if defined(__AVX512F__)
 constexpr int64_t kVectorBytes = 64;
+constexpr int64_t kGemmMaxRows = 8;
+#elif defined(__AVX__)
+constexpr int64_t kVectorBytes = 32;
+constexpr int64_t kGemmMaxRows = 6;
 #else
-constexpr int64_t kVectorBytes = 32;  // AVX2 (8 rows x 2 vectors = all 16 ymm: spills a little)
+constexpr int64_t kVectorBytes = 16;
+constexpr int64_t kGemmMaxRows = 6;
 #endif
 // Columns per block: two SIMD vectors of T.
 template <typename T>
@@ -115,18 +130,23 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, MatrixRef<T> A, const T*
       for (int64_t j = full; j < N; ++j) tail[k * COLS + j - full] = B[k * ldb + j];
     }
   }
-  // Up to 8 rows per block give up to 8 independent FMA chains per vector and k,
-  // enough to cover the FMA latency (4 cycles x 2 ports). Rows are split into
-  // blocks of near-equal size (27 -> 7+7+7+6, not 8+8+8+2+1): a block of one or
+  // Up to kGemmMaxRows (6-8) rows per block give as many independent FMA chains per
+  // vector and k, enough to cover the FMA latency (4 cycles x 2 ports). Rows are split
+  // into blocks of near-equal size (27 -> 7+7+7+6, not 8+8+8+2+1): a block of one or
   // two rows is latency bound and would cost as much as a full one.
-  const int64_t blocks = (M + 7) / 8;
+  constexpr int64_t kMaxRows = detail::kGemmMaxRows;
+  const int64_t blocks = (M + kMaxRows - 1) / kMaxRows;
   int64_t r0 = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t rows = (M - r0 + (blocks - b) - 1) / (blocks - b);
     const T* bt = tail.data();
     switch (rows) {
-      case 8: gemm_rows<T, 8>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
-      case 7: gemm_rows<T, 7>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
+      case 8:
+        if constexpr (kMaxRows >= 8) gemm_rows<T, 8>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate);
+        break;
+      case 7:
+        if constexpr (kMaxRows >= 7) gemm_rows<T, 7>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate);
+        break;
       case 6: gemm_rows<T, 6>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
       case 5: gemm_rows<T, 5>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
       case 4: gemm_rows<T, 4>(r0, N, K, A, B, ldb, bt, C, ldc, accumulate); break;
@@ -193,6 +213,39 @@ inline void transpose_into(const float* x, int64_t rows, int64_t cols, float* xt
     }
   }
 }
+#elif defined(__AVX2__)
+// float under AVX2: full 8 x 8 blocks transposed in registers (8 loads, 24 shuffles,
+// 8 stores), the ragged edges scalar. AVX2 has no cheap masked byte-granular loads, and
+// at the shapes the kernels transpose ([27, 200], [200, 30]) the edges are a small part.
+inline void transpose_into(const float* x, int64_t rows, int64_t cols, float* xt, int64_t ld) {
+  const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+      __m256 r[8], t[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + (r0 + i) * cols + c0);
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      // Within each 128-bit lane, r[4g + k] holds rows 4g .. 4g + 3 of column 4L + k.
+      for (int g = 0; g < 2; ++g) {
+        r[4 * g + 0] = _mm256_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
+        r[4 * g + 1] = _mm256_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xEE);
+        r[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        r[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+      }
+      for (int k = 0; k < 4; ++k) {
+        _mm256_storeu_ps(xt + (c0 + k) * ld + r0, _mm256_permute2f128_ps(r[k], r[4 + k], 0x20));
+        _mm256_storeu_ps(xt + (c0 + 4 + k) * ld + r0, _mm256_permute2f128_ps(r[k], r[4 + k], 0x31));
+      }
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {  // the edges: columns past cols8, rows past rows8
+    float* dst = xt + c * ld;
+    for (int64_t r = c < cols8 ? rows8 : 0; r < rows; ++r) dst[r] = x[r * cols + c];
+    for (int64_t r = rows; r < ld; ++r) dst[r] = 0.0f;
+  }
+}
 #endif
 
 template <typename T>
@@ -209,4 +262,4 @@ inline int64_t padded_cols(int64_t n) {
   return (n + cols - 1) / cols * cols;
 }
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -10,18 +10,20 @@
 // writes the gradient, so no [B, V] softmax is ever stored.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #include "cpu/vec_math.h"
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // Reductions over a row walk it in blocks of kVectorLanes with the lanes past V
 // masked (vec_math.h). A plain `omp simd reduction` loop leaves V % 16 elements to
@@ -32,13 +34,20 @@ namespace charmlp {
 // halving vector operations: log2(16) = 4 dependent steps. An `omp simd reduction`
 // over the lanes compiles to 15 dependent scalar adds (~60 cycles a row, more than the
 // exps at V = 27), and a tree written as loops over halves of the array goes through
-// the stack (a store then narrower reloads); for float under AVX-512 the intrinsic
-// reductions keep it in registers.
+// the stack (a store then narrower reloads); for float under AVX-512 and AVX2 the
+// intrinsic reductions keep it in registers.
 template <typename acc_t>
 inline acc_t sum_lanes(acc_t* l) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float> && kVectorLanes == 16) {
     return _mm512_reduce_add_ps(_mm512_loadu_ps(l));
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float> && kVectorLanes == 16) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(l), _mm256_loadu_ps(l + 8));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
 #endif
   for (int64_t w = kVectorLanes / 2; w >= 1; w /= 2) {
@@ -53,6 +62,13 @@ inline acc_t max_lanes(acc_t* l) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<acc_t, float> && kVectorLanes == 16) {
     return _mm512_reduce_max_ps(_mm512_loadu_ps(l));
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<acc_t, float> && kVectorLanes == 16) {
+    const __m256 v = _mm256_max_ps(_mm256_loadu_ps(l), _mm256_loadu_ps(l + 8));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
   }
 #endif
   for (int64_t w = kVectorLanes / 2; w >= 1; w /= 2) {
@@ -274,4 +290,4 @@ inline void finish_row_losses(int64_t n, const T* s, const T* weight, const bool
   }
 }
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

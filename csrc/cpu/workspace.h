@@ -7,13 +7,15 @@
 // zeroed unless asked.
 #pragma once
 
+#include "cpu/capability.h"
+
 #include <ATen/Parallel.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
-namespace charmlp {
+namespace charmlp::CHARMLP_CPU_CAPABILITY {
 
 // Buffer roles: a kernel uses distinct roles for buffers alive at the same time
 // on the same thread (the caller is also worker 0 inside at::parallel_for).
@@ -80,4 +82,4 @@ class ThreadPartials {
   std::vector<T*> slots_;
 };
 
-}  // namespace charmlp
+}  // namespace charmlp::CHARMLP_CPU_CAPABILITY

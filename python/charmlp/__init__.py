@@ -6,7 +6,7 @@ registered with the dispatcher (``torch.ops.charmlp.*``), usable under autograd 
 ``torch.compile``, wrapped in ``nn.Module``s.
 """
 
-from ._extension import build_info, has_cuda_kernels
+from ._extension import build_info, cpu_capability, has_cuda_kernels, set_cpu_capability
 from . import ops
 from .modules import CrossEntropyLoss, EmbedLinearTanh, LinearCrossEntropyLoss
 from .model import MLPLanguageModel
@@ -19,6 +19,8 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "MLPLanguageModel",
     "build_info",
+    "cpu_capability",
     "has_cuda_kernels",
     "ops",
+    "set_cpu_capability",
 ]

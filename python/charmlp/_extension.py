@@ -8,6 +8,8 @@ cases into one clear ImportError that says how to rebuild.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _REBUILD = (
@@ -32,9 +34,48 @@ if BUILD_INFO["torch_version"] != torch.__version__:
     )
 
 
+CPU_CAPABILITY_ENV = "CHARMLP_CPU_CAPABILITY"
+
+
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels run with: ``"default"``, ``"avx2"`` or ``"avx512"``.
+
+    The kernels are compiled once per capability (``build_info()["cpu_capabilities"]``)
+    and the best one this CPU supports is chosen when charmlp is imported, unless the
+    environment variable ``CHARMLP_CPU_CAPABILITY`` names another.
+    """
+    return _C._cpu_capability()
+
+
+def set_cpu_capability(name: str) -> None:
+    """Runs every op's CPU kernels compiled for ``name`` from the next call on.
+
+    Raises ValueError if this build did not compile ``name`` or this CPU cannot run it.
+    Meant for comparing the capabilities' speed (the benchmarks) and testing each of them;
+    results agree within the ops' tolerances, not bit for bit.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"charmlp.set_cpu_capability: name must be a str, got {type(name).__name__}")
+    _C._set_cpu_capability(name)
+
+
+def _apply_cpu_capability_env() -> None:
+    name = os.environ.get(CPU_CAPABILITY_ENV)
+    if not name:
+        return
+    try:
+        _C._set_cpu_capability(name)
+    except ValueError as exc:
+        raise ImportError(f"charmlp: {CPU_CAPABILITY_ENV}={name!r} cannot be used: {exc}") from exc
+
+
+_apply_cpu_capability_env()
+
+
 def build_info() -> dict:
-    """How the extension was built: torch version, CUDA and arch list, OpenMP, compiler, SIMD."""
-    return dict(BUILD_INFO)
+    """How the extension was built: torch version, CUDA and arch list, OpenMP, compiler,
+    the CPU kernels' capabilities (compiled, supported here, and ``cpu_capability``: in use)."""
+    return {**BUILD_INFO, "cpu_capability": cpu_capability()}
 
 
 def has_cuda_kernels() -> bool:

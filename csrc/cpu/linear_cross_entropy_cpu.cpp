@@ -214,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_cpu(
   const double label_eps = cw ? 0.0 : label_smoothing;  // class_weight.h: kernels unsmoothed
   at::Tensor lse = at::empty({B}, in.input.options());
   at::Tensor row_loss = at::empty({B}, in.input.options());
-  const bool aten = use_aten_gemm(weight.size(0), input.size(1));
+  const bool aten = use_aten_gemm(B, weight.size(0), input.size(1));
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_cpu", [&] {
     const auto eps = static_cast<scalar_t>(label_eps);
     scalar_t* l = lse.mutable_data_ptr<scalar_t>();
@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
   at::Tensor grad_weight = at::empty({V, H}, in.input.options());
   at::Tensor grad_bias = at::empty({V}, in.input.options());
-  const bool aten = use_aten_gemm(V, H);
+  const bool aten = use_aten_gemm(B, V, H);
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_backward_cpu", [&] {
     if (aten) {
       blocked_impl<scalar_t, BlockedMode::kGradFromLse>(
@@ -303,7 +303,7 @@ linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& we
   at::Tensor grad_input = at::empty({B, H}, in.input.options());
   at::Tensor grad_weight = at::empty({V, H}, in.input.options());
   at::Tensor grad_bias = at::empty({V}, in.input.options());
-  const bool aten = use_aten_gemm(V, H);
+  const bool aten = use_aten_gemm(B, V, H);
   AT_DISPATCH_FLOATING_TYPES(in.input.scalar_type(), "linear_cross_entropy_and_grads_cpu", [&] {
     if (aten) {
       blocked_impl<scalar_t, BlockedMode::kGradWithForward>(

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import charmlp
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import _harness as H  # noqa: E402
@@ -135,18 +137,20 @@ def test_parse_size():
 
 def test_run_all_quick_writes_the_report(tmp_path):
     out = tmp_path / "cpu"
-    cmd = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--sizes", "tiny-64", "--arms", "seed,charmlp",
-           "--data", "random", "--out", str(out)]
+    caps = [f"charmlp@{c}" for c in charmlp.build_info()["cpu_capabilities_supported"]]
+    cmd = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--sizes", "tiny-64", "--arms",
+           ",".join(["seed", "charmlp", *caps]), "--data", "random", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for f in ("results.md", "results.json", "time_vs_batch.png", "speedup.png"):
         assert (out / f).is_file(), f
     data = json.loads((out / "results.json").read_text())
     assert data["environment"]["threads"] == torch.get_num_threads()
-    assert [a["status"] for a in data["sizes"][0]["arms"]] == ["PASS", "PASS"]
+    assert [a["status"] for a in data["sizes"][0]["arms"]] == ["PASS"] * (2 + len(caps))
     assert "ablation" in data and "output_layer" in data
     md = (out / "results.md").read_text()
     assert "torch threads" in md and "SGEMM peak" in md
+    assert f"charmlp CPU kernels: {charmlp.cpu_capability()}" in md
 
 
 def test_context_grouping_benchmark_runs_and_is_exact(tmp_path):

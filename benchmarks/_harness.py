@@ -656,45 +656,44 @@ class CharmlpAlgorithmArm(CharmlpArm):
         return self._with(lambda: super(CharmlpAlgorithmArm, self).train_step(idx, y))
 
 
-class CharmlpCapabilityArm:
+def charmlp_capability_arm(base: type[CharmlpArm], capability: str) -> Arm:
     """A charmlp arm whose calls run the CPU kernels of another capability (``charmlp@avx2``):
     the capabilities' kernels side by side in one process, against the same PyTorch arms.
     Only charmlp's kernels change; torch's own (the PyTorch arms, MKL) keep this CPU's."""
 
-    def __new__(cls, base: type[CharmlpArm], capability: str):
-        class _Arm(base):
-            name = f"{base.name}@{capability}"
-            label = f"{base.label} [{capability}]"
-            description = f"{base.description} CPU kernels: `charmlp.set_cpu_capability({capability!r})`."
+    class _Arm(base):
+        name = f"{base.name}@{capability}"
+        label = f"{base.label} [{capability}]"
+        description = f"{base.description} CPU kernels: `charmlp.set_cpu_capability({capability!r})`."
 
-            def available(self, device):
-                if device.type != "cpu":
-                    return False, "CPU capabilities are a CPU matter"
-                if capability not in charmlp.build_info()["cpu_capabilities_supported"]:
-                    return False, f"this CPU cannot run '{capability}'"
-                return super().available(device)
+        def available(self, device):
+            if device.type != "cpu":
+                return False, "CPU capabilities are a CPU matter"
+            if capability not in charmlp.build_info()["cpu_capabilities_supported"]:
+                return False, f"this CPU cannot run '{capability}'"
+            return super().available(device)
 
-            def _with(self, fn):
-                prev = charmlp.cpu_capability()
-                charmlp.set_cpu_capability(capability)
-                try:
-                    return fn()
-                finally:
-                    charmlp.set_cpu_capability(prev)
+        def _with(self, fn):
+            prev = charmlp.cpu_capability()
+            charmlp.set_cpu_capability(capability)
+            try:
+                return fn()
+            finally:
+                charmlp.set_cpu_capability(prev)
 
-            def setup(self, *a):
-                return self._with(lambda: super(_Arm, self).setup(*a))
+        def setup(self, *a):
+            return self._with(lambda: super(_Arm, self).setup(*a))
 
-            def forward(self, idx, y):
-                return self._with(lambda: super(_Arm, self).forward(idx, y))
+        def forward(self, idx, y):
+            return self._with(lambda: super(_Arm, self).forward(idx, y))
 
-            def backward(self, loss):
-                return self._with(lambda: super(_Arm, self).backward(loss))
+        def backward(self, loss):
+            return self._with(lambda: super(_Arm, self).backward(loss))
 
-            def train_step(self, idx, y):
-                return self._with(lambda: super(_Arm, self).train_step(idx, y))
+        def train_step(self, idx, y):
+            return self._with(lambda: super(_Arm, self).train_step(idx, y))
 
-        return _Arm()
+    return _Arm()
 
 
 ARMS: dict[str, Callable[[], Arm]] = {
@@ -710,7 +709,7 @@ ARMS: dict[str, Callable[[], Arm]] = {
 # charmlp@<capability>, charmlp-loop@<capability>: the same arms on each compiled capability's kernels
 for _cap in charmlp.build_info()["cpu_capabilities"]:
     for _base in (CharmlpArm, CharmlpLoopArm):
-        ARMS[f"{_base.name}@{_cap}"] = (lambda b, c: lambda: CharmlpCapabilityArm(b, c))(_base, _cap)
+        ARMS[f"{_base.name}@{_cap}"] = (lambda b, c: lambda: charmlp_capability_arm(b, c))(_base, _cap)
 DEFAULT_ARMS = ["seed", "functional", "compile", "charmlp-loop", "charmlp", "compile-ro", "charmlp-graph"]
 REFERENCE_ARM = "seed"
 

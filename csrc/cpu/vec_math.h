@@ -29,11 +29,11 @@ constexpr int64_t kVectorLanes = 16;
 inline float exp_reduce_f32(float x, float* r) {
 #if defined(__x86_64__) && !defined(__SSE4_1__)
   // The x86-64 baseline (SSE2) has no vector floor (roundps is SSE4.1): GCC would call
-  // floorf per lane and leave every exp loop scalar (with it, the baseline's
-  // cross_entropy forward took 1.35x and its SGD step 1.4-1.5x longer). Adding and subtracting 1.5 * 2^23 rounds to the nearest integer instead
-  // (exact for |v| < 2^22; x is clamped far inside): n differs from floor(v + 0.5) only
-  // at exact ties, where either keeps |r| <= ln2 / 2. (Without -ffast-math GCC keeps the
-  // two roundings.)
+  // floorf per lane and leave every exp loop scalar (with it, the baseline's cross_entropy
+  // forward took 1.35x and its SGD step 1.4-1.5x longer). Adding and subtracting 1.5 * 2^23
+  // rounds to the nearest integer instead (exact for |v| < 2^22; x is clamped far inside):
+  // n differs from floor(v + 0.5) only at exact ties, where either keeps |r| <= ln2 / 2.
+  // (Without -ffast-math GCC keeps the two roundings.)
   const float v = x * 1.44269504088896341f;
   const float n = (v + 12582912.0f) - 12582912.0f;
 #else

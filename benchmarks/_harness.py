@@ -627,7 +627,34 @@ class CharmlpGraphArm(CharmlpArm):
         return self.step_loss
 
 
-class CharmlpAlgorithmArm(CharmlpArm):
+class _AroundCalls:
+    """Mixin for a charmlp arm: its setup and every timed call run with a process-wide
+    setting switched (``_switch`` sets it and returns what restores it)."""
+
+    def _switch(self) -> Callable[[], None]:
+        raise NotImplementedError
+
+    def _with(self, fn):
+        restore = self._switch()
+        try:
+            return fn()
+        finally:
+            restore()
+
+    def setup(self, *a):
+        return self._with(lambda: super(_AroundCalls, self).setup(*a))
+
+    def forward(self, idx, y):
+        return self._with(lambda: super(_AroundCalls, self).forward(idx, y))
+
+    def backward(self, loss):
+        return self._with(lambda: super(_AroundCalls, self).backward(loss))
+
+    def train_step(self, idx, y):
+        return self._with(lambda: super(_AroundCalls, self).train_step(idx, y))
+
+
+class CharmlpAlgorithmArm(_AroundCalls, CharmlpArm):
     """charmlp with the CPU embedding algorithm forced (for the ablation)."""
 
     algorithm = "auto"
@@ -638,22 +665,10 @@ class CharmlpAlgorithmArm(CharmlpArm):
         self.label = f"charmlp ({algorithm})"
         self.description = f"charmlp with `charmlp._C._set_embed_algorithm({algorithm!r})`."
 
-    def _with(self, fn):
+    def _switch(self):
         prev = charmlp._C._get_embed_algorithm()
         charmlp._C._set_embed_algorithm(self.algorithm)
-        try:
-            return fn()
-        finally:
-            charmlp._C._set_embed_algorithm(prev)
-
-    def forward(self, idx, y):
-        return self._with(lambda: super(CharmlpAlgorithmArm, self).forward(idx, y))
-
-    def backward(self, loss):
-        return self._with(lambda: loss.backward())
-
-    def train_step(self, idx, y):
-        return self._with(lambda: super(CharmlpAlgorithmArm, self).train_step(idx, y))
+        return lambda: charmlp._C._set_embed_algorithm(prev)
 
 
 def charmlp_capability_arm(base: type[CharmlpArm], capability: str) -> Arm:
@@ -661,7 +676,7 @@ def charmlp_capability_arm(base: type[CharmlpArm], capability: str) -> Arm:
     the capabilities' kernels side by side in one process, against the same PyTorch arms.
     Only charmlp's kernels change; torch's own (the PyTorch arms, MKL) keep this CPU's."""
 
-    class _Arm(base):
+    class _Arm(_AroundCalls, base):
         name = f"{base.name}@{capability}"
         label = f"{base.label} [{capability}]"
         description = f"{base.description} CPU kernels: `charmlp.set_cpu_capability({capability!r})`."
@@ -673,25 +688,10 @@ def charmlp_capability_arm(base: type[CharmlpArm], capability: str) -> Arm:
                 return False, f"this CPU cannot run '{capability}'"
             return super().available(device)
 
-        def _with(self, fn):
+        def _switch(self):
             prev = charmlp.cpu_capability()
             charmlp.set_cpu_capability(capability)
-            try:
-                return fn()
-            finally:
-                charmlp.set_cpu_capability(prev)
-
-        def setup(self, *a):
-            return self._with(lambda: super(_Arm, self).setup(*a))
-
-        def forward(self, idx, y):
-            return self._with(lambda: super(_Arm, self).forward(idx, y))
-
-        def backward(self, loss):
-            return self._with(lambda: super(_Arm, self).backward(loss))
-
-        def train_step(self, idx, y):
-            return self._with(lambda: super(_Arm, self).train_step(idx, y))
+            return lambda: charmlp.set_cpu_capability(prev)
 
     return _Arm()
 

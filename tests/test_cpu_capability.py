@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -35,6 +36,19 @@ COMPILED = INFO["cpu_capabilities"]
 SUPPORTED = INFO["cpu_capabilities_supported"]
 CHOSEN_AT_LOAD = _C._cpu_capability()
 TESTS = Path(__file__).resolve().parent
+
+
+def platform_is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(m.group(1).split()) if m else set()
 
 
 @pytest.fixture(params=SUPPORTED)
@@ -59,21 +73,6 @@ def test_build_info_reports_the_capabilities():
         # a default build compiles every x86-64 capability (CHARMLP_CPU_CAPABILITIES)
         assert COMPILED == ["default", "avx2", "avx512"]
     assert "-march=native" not in INFO["cxx_flags"] + INFO["cpu_capability_flags"]
-
-
-def platform_is_x86_64() -> bool:
-    import platform
-
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    m = re.search(r"^flags\s*:(.*)$", text, re.M)
-    return set(m.group(1).split()) if m else set()
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo")

@@ -21,10 +21,10 @@
 #include <type_traits>
 
 #include "checks.h"
-#include "cpu/kernels.h"
 #include "class_weight.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
+#include "cpu/kernels.h"
 #include "cpu/softmax_xent_row.h"
 #include "cpu/workspace.h"
 
@@ -263,6 +263,5 @@ at::Tensor row_grad_scales(const at::Tensor& grad_loss, const at::Tensor& target
   });
   return scales;
 }
-
 
 }  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -29,10 +29,10 @@
 #include <optional>
 
 #include "checks.h"
-#include "cpu/kernels.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/first_layer.h"
 #include "cpu/index_check.h"
+#include "cpu/kernels.h"
 #include "cpu/vec_math.h"
 #include "cpu/workspace.h"
 
@@ -305,6 +305,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cpu(
   });
   return grads;
 }
-
 
 }  // namespace charmlp::CHARMLP_CPU_CAPABILITY

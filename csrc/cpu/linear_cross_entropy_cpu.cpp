@@ -37,10 +37,10 @@
 #include <type_traits>
 
 #include "checks.h"
-#include "cpu/kernels.h"
 #include "class_weight.h"
 #include "cpu/cross_entropy_cpu.h"
 #include "cpu/index_check.h"
+#include "cpu/kernels.h"
 #include "cpu/output_gemm.h"
 #include "cpu/output_layer.h"
 
@@ -329,6 +329,5 @@ linear_cross_entropy_and_grads_cpu(const at::Tensor& input, const at::Tensor& we
   return {reduce_row_losses(row_loss, reduction, count, dtype), lse, grad_input.to(dtype),
           grad_weight.to(dtype), grad_bias.to(dtype)};
 }
-
 
 }  // namespace charmlp::CHARMLP_CPU_CAPABILITY

@@ -55,11 +55,11 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/kernels.h"
 #include "cpu/context_grouping.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/first_layer.h"
 #include "cpu/index_check.h"
+#include "cpu/kernels.h"
 #include "cpu/output_layer.h"
 #include "cpu/workspace.h"
 
@@ -536,6 +536,5 @@ at::Tensor mlp_sgd_steps_cpu(const at::Tensor& idx, const at::Tensor& target, at
   run_sgd_steps(in, K, B, lr, {&table, &weight1, &bias1, &weight2, &bias2}, losses);
   return losses;
 }
-
 
 }  // namespace charmlp::CHARMLP_CPU_CAPABILITY

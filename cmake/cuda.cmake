@@ -6,7 +6,7 @@
 #
 # Sets CHARMLP_CUDA_SOURCES and defines charmlp_configure_cuda_target(target).
 #
-# Toolkit quirks handled here (see scripts/check_cuda_build.sh):
+# Toolkit quirks handled here (see tools/check_cuda_build.sh):
 #  * nvcc is looked for in CUDA_HOME / CUDA_PATH / /usr/local/cuda when it is not
 #    on PATH, so `pip install .` works without setting CUDACXX.
 #  * A toolkit installed without the cuBLAS/cuSPARSE/... headers (only nvcc and

@@ -1,11 +1,15 @@
 // The charmlp operator library: every schema in one place.
 //
-// Backends register implementations in their own files:
-//   csrc/cpu/<op>_cpu.cpp    TORCH_LIBRARY_IMPL(charmlp, CPU, m)
-//   csrc/cuda/<op>_cuda.cu   TORCH_LIBRARY_IMPL(charmlp, CUDA, m)
-// Shape inference for torch.compile (register_fake) and autograd
-// (register_autograd) live next to the Python entry points in
-// python/charmlp/ops.py.
+// Where each dispatch key's implementations are registered:
+//   CPU          csrc/cpu/cpu_dispatch.cpp: one entry per op, which calls the kernels
+//                compiled for the CPU's instruction set (csrc/cpu/<op>_cpu.cpp, built
+//                once per capability; see csrc/cpu/capability.h)
+//   CUDA         csrc/cuda/<op>_cuda.cpp: host wrappers that launch the kernels in
+//                csrc/cuda/<op>_kernels.cu
+//   Autograd     csrc/autograd.cpp (C++ autograd nodes: no Python on the backward path)
+//   Autocast     csrc/autocast.cpp
+// The fake kernels for torch.compile (register_fake) are next to the Python entry
+// points in python/charmlp/ops.py.
 //
 // Shapes:  B batch rows, T context length, V vocabulary, E embedding width,
 //          H hidden width.

@@ -1,7 +1,7 @@
 """Builds charmlp's CUDA sources for the CPU: the CUDA emulation used by
 tests/test_cuda_emulated.py.
 
-Why: the CUDA kernels compile here (scripts/check_cuda_build.sh) but no GPU is at
+Why: the CUDA kernels compile here (tools/check_cuda_build.sh) but no GPU is at
 hand to run them. This builds the very same files (csrc/cuda/*.cu kernels and
 *_cuda.cpp host wrappers, csrc/ops.cpp schemas) with the host compiler against
 small stand-ins for the CUDA runtime and nvcc's built-ins (include/), and registers

@@ -1,31 +1,28 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine (the H200 lent by the `device` tool):
-# builds charmlp with its CUDA kernels, runs the CUDA tests and the CUDA benchmarks,
-# and leaves every log and result under $OUT. Sized to finish inside 8 minutes
-# (CHARMLP_GPU_DEADLINE): every phase gets a timeout from what is left, so the
-# summary is always written, and nothing can hang past the deadline.
+# The one-shot check for a machine with a CUDA GPU: builds charmlp with its CUDA
+# kernels, runs the CUDA tests and the CUDA benchmarks, and leaves every log and
+# result under $OUT. Bounded by a deadline (CHARMLP_GPU_DEADLINE): every phase gets a
+# timeout from what is left, so the summary is always written and nothing hangs.
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh          # device tool: run(command="bash scripts/gpu_check.sh", timeout_s=540)
+#   OUT=/some/dir bash tools/gpu_check.sh
 #
-# Expects on that machine: torch (CUDA build), nvcc, cmake, ninja, pybind11,
-# scikit-build-core, pytest; no internet (nothing is downloaded). On the lent H200,
-# python3 is itself a virtual environment (/opt/torch/.venv): a venv made from it with
-# --system-site-packages would NOT see torch (that flag means the base interpreter's
-# packages), so charmlp is installed with `pip install --target` into a folder put on
-# PYTHONPATH instead, built by the very interpreter that holds torch.
+# Expects: torch (CUDA build), nvcc, cmake, ninja, pybind11, scikit-build-core, pytest;
+# nothing is downloaded. charmlp is installed with `pip install --target` into a folder
+# put on PYTHONPATH, built by the very interpreter that holds torch: where python3 is
+# itself a virtual environment, a venv made from it with --system-site-packages would
+# not see torch (that flag means the base interpreter's packages).
 #
-# What comes back from $OUT is at most 8 files, so everything goes into 7:
+# Everything goes into 7 files (a remote runner may fetch only a few files back):
 #   summary.txt        progress, test results per group, the two performance targets
 #   env.txt            nvidia-smi, nvcc, torch, charmlp build info
 #   build.log          pip/CMake/nvcc output
 #   tests.log          pytest -v output of every test group
-#   bench.log          the built-in timing of the targets, then run_all.py's output
+#   bench.log          the built-in timing of the training-step targets, then run_all.py's output
 #   results.md         benchmarks/run_all.py --device cuda report(s)
 #   artifacts.tar.gz   all of the above plus junit XML, results.json, plots
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default: the GPU's own arch, e.g. 9.0 on an H200),
-# PYTHON (default python3), CHARMLP_GPU_DEADLINE (s from start, default 480: with a
-# machine start of 1-2 min it leaves ~4 min of the 15 for a rerun on the warm machine),
+# PYTHON (default python3), CHARMLP_GPU_DEADLINE (s from start, default 480),
 # CHARMLP_GPU_NO_BENCH=1 (tests only).
 # Exit status: 0 when the build and every CUDA test passed (benchmarks never fail it).
 set -uo pipefail

@@ -2,9 +2,9 @@
 """The sweep behind ``charmlp train --preset best-5min``: which Bengio et al. MLP recipe gives
 the lowest names.txt **dev** loss in a fixed wall-clock budget on this machine?
 
-    python scripts/sweep_preset.py --stage coarse              # every candidate, 60 s each
-    python scripts/sweep_preset.py --stage final --configs b,h  # the best few, 300 s each
-    python scripts/sweep_preset.py --table-only                 # rewrite the table from the JSON
+    python tools/sweep_preset.py --stage coarse              # every candidate, 60 s each
+    python tools/sweep_preset.py --stage final --configs b,h  # the best few, 300 s each
+    python tools/sweep_preset.py --table-only                 # rewrite the table from the JSON
 
 Every run is ``charmlp train`` (``charmlp.train.train``) on names.txt's lecture 80/10/10
 split (``$CHARMLP_NAMES`` or ``../shared/data/names.txt``), for the number of steps that the
@@ -165,7 +165,7 @@ def run_one(name: str, budget: float, data: Path, threads: int, log, mode: str =
 
 def write_table(rows: list[dict], path: Path) -> None:
     lines = ["# Preset sweep: dev loss in a fixed wall-clock budget", "",
-             "Written by `python scripts/sweep_preset.py` (see its docstring). names.txt, the lecture's "
+             "Written by `python tools/sweep_preset.py` (see its docstring). names.txt, the lecture's "
              "80/10/10 split; every run is `charmlp train --data names.txt --steps N` with "
              "the flags below and `--eval-every 0 --checkpoint-every 0`, N = 0.97 x budget x the "
              "candidate's quiet step rate (`--time-budget BUDGET` for rows marked budget), on "

@@ -6,7 +6,7 @@
 # directory (build/cuda-check; the CPU build in build/cp3*-* is never touched),
 # then loads the built module and checks that every charmlp op has a CUDA kernel
 # registered with the dispatcher and that build_info() reports CUDA. Nothing runs
-# on a GPU: that is scripts/gpu_check.sh's job.
+# on a GPU: that is tools/gpu_check.sh's job.
 #
 # Environment:
 #   TORCH_CUDA_ARCH_LIST    archs to compile for (default "8.0;9.0")

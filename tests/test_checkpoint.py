@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import charmlp.checkpoint as ckpt_mod
-import charmlp.train as train_mod
+import charmlp.train.loop as loop_mod  # (the module that looks the patched names up)
 from charmlp.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -33,7 +33,7 @@ def _same_params(a, b) -> bool:
 
 def _fail_on_call(monkeypatch, n: int, action):
     """Make the n-th minibatch draw run ``action`` (crash or signal) before drawing."""
-    real = train_mod.draw_batches
+    real = loop_mod.draw_batches
     calls = {"n": 0}
 
     def draw(*args, **kw):
@@ -42,7 +42,7 @@ def _fail_on_call(monkeypatch, n: int, action):
             action()
         return real(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "draw_batches", draw)
+    monkeypatch.setattr(loop_mod, "draw_batches", draw)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(optimizer="adamw"), dict(reference=True)],
@@ -77,7 +77,7 @@ def _signal_on_lr_call(monkeypatch, n: int) -> None:
     """SIGINT during the n-th learning-rate lookup: in the step-by-step loop (SGD with weight
     decay) that is in the middle of a chunk, so the loop stops after that step and rewinds
     the minibatch generator to the steps actually taken."""
-    real = train_mod.learning_rate
+    real = loop_mod.learning_rate
     calls = {"n": 0}
 
     def learning_rate(*args, **kw):
@@ -86,7 +86,7 @@ def _signal_on_lr_call(monkeypatch, n: int) -> None:
             signal.raise_signal(signal.SIGINT)
         return real(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "learning_rate", learning_rate)
+    monkeypatch.setattr(loop_mod, "learning_rate", learning_rate)
 
 
 @pytest.mark.parametrize("kw,interrupt,stop_step", [

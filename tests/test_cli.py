@@ -282,7 +282,7 @@ def test_a_full_disk_is_a_one_line_error(tmp_path, capsys, monkeypatch, where):
     import errno
 
     import charmlp.checkpoint as ckpt_mod
-    import charmlp.train as train_mod
+    import charmlp.train.rundir as rundir_mod
 
     def disk_full(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -290,7 +290,7 @@ def test_a_full_disk_is_a_one_line_error(tmp_path, capsys, monkeypatch, where):
     if where == "checkpoint":
         monkeypatch.setattr(ckpt_mod.torch, "save", disk_full)
     else:
-        monkeypatch.setattr(train_mod._RunFiles, "log_steps", disk_full)
+        monkeypatch.setattr(rundir_mod._RunFiles, "log_steps", disk_full)
     run = tmp_path / "run"
     assert main(["train", *SMALL, "--steps", "100", "--checkpoint-every", "50", "--out", str(run)]) == 2
     _one_line_error(capsys, f"cannot write {run}", "No space left on device")

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from charmlp.checkpoint import load_checkpoint
 from charmlp.data import Split, Vocab, build_examples
-from charmlp.train import TrainConfig, _build_model, batch_seed, learning_rate
+from charmlp.train import TrainConfig, batch_seed, learning_rate
+from charmlp.train.state import _build_model
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")

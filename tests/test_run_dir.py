@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import charmlp.train as train_mod
+import charmlp.train.rundir as rundir_mod
 from charmlp.checkpoint import CHECKPOINT_NAME, LOCK_NAME, RunDirInUse, RunLock, load_checkpoint
 from charmlp.cli import main
-from charmlp.train import train
+from charmlp.train import ConfigError, train
 
 from _train_util import small_config
 
@@ -110,15 +110,15 @@ def test_a_fresh_run_checks_again_under_the_lock(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(small_config(steps=20), run, **QUIET)
     before = _snapshot(run)
-    monkeypatch.setattr(train_mod, "_check_no_run", lambda out, locked=False: None)
-    real_take = train_mod._Ownership.take
+    monkeypatch.setattr(rundir_mod, "_check_no_run", lambda out, locked=False: None)
+    real_take = rundir_mod._Ownership.take
 
     def take(self, run_dir, fresh):  # the first check passed; the check under the lock runs
         monkeypatch.undo()
         real_take(self, run_dir, fresh)
 
-    monkeypatch.setattr(train_mod._Ownership, "take", take)
-    with pytest.raises(train_mod.ConfigError, match="already holds a run"):
+    monkeypatch.setattr(rundir_mod._Ownership, "take", take)
+    with pytest.raises(ConfigError, match="already holds a run"):
         train(small_config(steps=20), run, **QUIET)
     assert _snapshot(run) == before
 
@@ -128,7 +128,7 @@ def test_a_fresh_run_checks_again_under_the_lock(tmp_path, monkeypatch):
 
 def test_default_run_names_of_the_same_second_differ(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_mod, "_timestamp", lambda: "20261203-134501")
+    monkeypatch.setattr(rundir_mod, "_timestamp", lambda: "20261203-134501")
     a = train(small_config(steps=20), **QUIET)["run_dir"]
     b = train(small_config(steps=20), **QUIET)["run_dir"]
     assert a != b
@@ -139,12 +139,12 @@ def test_default_run_names_of_the_same_second_differ(tmp_path, monkeypatch):
 
 def test_a_taken_default_name_is_redrawn(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_mod, "_timestamp", lambda: "20261203-134501")
+    monkeypatch.setattr(rundir_mod, "_timestamp", lambda: "20261203-134501")
     suffixes = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
-    monkeypatch.setattr(train_mod, "_run_suffix", lambda: next(suffixes))
+    monkeypatch.setattr(rundir_mod, "_run_suffix", lambda: next(suffixes))
     said = []
-    first = train_mod._create_run_dir(train_mod._default_run_dir(), True, said.append)
-    second = train_mod._create_run_dir(train_mod._default_run_dir(), True, said.append)
+    first = rundir_mod._create_run_dir(rundir_mod._default_run_dir(), True, said.append)
+    second = rundir_mod._create_run_dir(rundir_mod._default_run_dir(), True, said.append)
     assert first == Path("runs/20261203-134501-aaaaaa")
     assert second == Path("runs/20261203-134501-bbbbbb") and second.is_dir()
     assert said == [f"run directory: {second} ({first} was taken)"]

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-import charmlp.train as train_mod
+import charmlp.train.loop as loop_mod  # (the module that looks draw_batches up)
 from charmlp.checkpoint import load_checkpoint
 from charmlp.cli import main
 from charmlp.train import (
@@ -102,14 +102,14 @@ def test_a_budget_run_is_the_steps_run_it_fixed(tmp_path, kw):
 
 def test_a_budget_run_resumes_exactly(tmp_path, monkeypatch):
     cfg = small_config(time_budget=2.0, checkpoint_every=1000, eval_every=1000, optimizer="adamw")
-    real = train_mod.draw_batches
+    real = loop_mod.draw_batches
 
     def draw(*args, **kw):  # (the speed measurement draws its own batches, not through here)
         if (tmp_path / "cut" / "checkpoint.pt").exists():  # the first chunk after a checkpoint
             raise RuntimeError("simulated crash")
         return real(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "draw_batches", draw)
+    monkeypatch.setattr(loop_mod, "draw_batches", draw)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, tmp_path / "cut", **QUIET)
     monkeypatch.undo()

@@ -141,24 +141,24 @@ def test_the_process_group_gets_a_bounded_timeout(monkeypatch):
     """A dead or stopped peer must not hold the others for gloo's default 30 minutes."""
     import datetime
 
-    import charmlp.train as train_mod
+    import charmlp.train.distributed as dist_mod
 
     calls = []
-    monkeypatch.setattr(train_mod.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(train_mod.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(dist_mod.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist_mod.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.delenv(train_mod.DIST_TIMEOUT_ENV, raising=False)
-    d = train_mod._setup_distributed("cpu")
+    monkeypatch.delenv(dist_mod.DIST_TIMEOUT_ENV, raising=False)
+    d = dist_mod._setup_distributed("cpu")
     assert (d.rank, d.world_size, d.owns_group) == (1, 2, True)
     assert calls == [(("gloo",), {"timeout": datetime.timedelta(seconds=60)})]
-    monkeypatch.setenv(train_mod.DIST_TIMEOUT_ENV, "7.5")
-    train_mod._setup_distributed("cpu")
+    monkeypatch.setenv(dist_mod.DIST_TIMEOUT_ENV, "7.5")
+    dist_mod._setup_distributed("cpu")
     assert calls[-1][1]["timeout"] == datetime.timedelta(seconds=7.5)
     for bad in ("0", "-1", "soon", "inf"):
-        monkeypatch.setenv(train_mod.DIST_TIMEOUT_ENV, bad)
+        monkeypatch.setenv(dist_mod.DIST_TIMEOUT_ENV, bad)
         with pytest.raises(ConfigError, match="CHARMLP_DIST_TIMEOUT"):
-            train_mod._setup_distributed("cpu")
+            dist_mod._setup_distributed("cpu")
 
 
 def test_under_ddp_a_repeated_signal_does_not_abort_the_checkpoint():
@@ -166,7 +166,7 @@ def test_under_ddp_a_repeated_signal_does_not_abort_the_checkpoint():
     second SIGINT must not turn into KeyboardInterrupt before the agreed stop."""
     import signal
 
-    from charmlp.train import _StopRequest
+    from charmlp.train.signals import _StopRequest
 
     notes = []
     with _StopRequest(enabled=True, notify=notes.append, distributed=True) as stop:

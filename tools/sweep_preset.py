@@ -92,7 +92,8 @@ def quiet_rate(settings: dict, data: Path, threads: int, blocks: int = 8, block_
     import torch
 
     from charmlp.data import Vocab, build_examples, load_corpus, split_words
-    from charmlp.train import TrainConfig, _build_model, learning_rate
+    from charmlp.train import TrainConfig, learning_rate
+    from charmlp.train.state import _build_model
 
     torch.set_num_threads(threads)
     cfg = TrainConfig(data=str(data), **settings).resolved()

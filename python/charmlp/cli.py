@@ -239,7 +239,9 @@ def _presets():
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, _check_length, _resume_dir, preset_config, train
+    from .train import TrainConfig, preset_config, train
+    from .train.config import _check_length
+    from .train.rundir import _resume_dir
 
     given = _given(args, _TRAIN_KEYS)
     if args.resume is not None:

@@ -11,7 +11,8 @@ computes the five parameter gradients while the activations are in cache (on CPU
 distinct context of the batch) and whose backward only scales them. This script compares,
 on names.txt batches, three ways to get the loss and the gradients:
 
-- plain PyTorch: the lecture's code (embedding index, two F.linear, tanh, F.cross_entropy);
+- plain PyTorch: the model as an ``nn.Module`` is written, ``charmlp.reference.module_loss``
+  (``F.embedding``, two ``F.linear``, tanh, ``F.cross_entropy``; the suite's ``functional`` arm);
 - charmlp layer ops: ``ops.embed_linear_tanh`` then ``ops.linear_cross_entropy`` (what the
   model ran before ``mlp_cross_entropy``; still its path for dtypes without a whole-model kernel);
 - charmlp ``mlp_cross_entropy``: the model's logits-free form (``return_logits=False``);
@@ -35,18 +36,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import (LR, PARAM_NAMES, Block, Size, fmt_time, gate_errors, gate_passes, make_batch,  # noqa: E402
+                     make_params, parse_size, reference, rel_err, timed_rounds)
 
 from charmlp import ops  # noqa: E402
-
-
-def plain_loss(idx, y, table, W1, b1, W2, b2):
-    emb = table[idx]
-    h = torch.tanh(F.linear(emb.view(emb.shape[0], -1), W1, b1))
-    return F.cross_entropy(F.linear(h, W2, b2), y)
+from charmlp import reference as R  # noqa: E402
 
 
 def layer_ops_loss(idx, y, table, W1, b1, W2, b2):
@@ -64,7 +60,7 @@ def grads_without_autograd(idx, y, *params):
 
 
 ARMS = {
-    "plain PyTorch": plain_loss,
+    "plain PyTorch": R.module_loss,
     "charmlp layer ops": layer_ops_loss,
     "charmlp mlp_cross_entropy": ops.mlp_cross_entropy,
     "charmlp forward_backward": grads_without_autograd,
@@ -79,7 +75,7 @@ class Runner:
 
     def __init__(self, loss_fn, params: dict, idx, y, sets_grads: bool = False):
         self.loss_fn, self.idx, self.y, self.sets_grads = loss_fn, idx, y, sets_grads
-        self.params = [params[k].clone().requires_grad_() for k in H.PARAM_NAMES]
+        self.params = [params[k].clone().requires_grad_() for k in PARAM_NAMES]
         self.opt = torch.optim.AdamW(self.params, lr=1e-3, fused=True)
 
     def fwd_bwd(self):
@@ -106,40 +102,34 @@ class Runner:
 def check(name: str, runner: Runner, ref: dict) -> float:
     """Worst relative error of the arm's loss and gradients (and its no-grad loss) vs float64."""
     loss = runner.fwd_bwd()
-    errs = H.gate_errors(loss, dict(zip(H.PARAM_NAMES, (p.grad for p in runner.params))), None, None, ref)
-    errs["eval.loss"] = H._rel_err(runner.eval().reshape(()), ref["loss"])
-    ok, why = H.gate_passes(errs)
+    errs = gate_errors(loss, dict(zip(PARAM_NAMES, (p.grad for p in runner.params))), None, None, ref)
+    errs["eval.loss"] = rel_err(runner.eval().reshape(()), ref["loss"])
+    ok, why = gate_passes(errs)
     if not ok:
         raise SystemExit(f"{name}: FAILED the correctness gate: {why}")
     return max(errs.values())
 
 
-def bench(size: H.Size, rounds: int, device: torch.device) -> dict:
-    idx, y, source = H.make_batch(size, "names", device)
-    params = H.make_params(size, device)
-    ref = H.reference({k: v.cpu() for k, v in params.items()}, idx.cpu(), y.cpu(), H.LR)
+def bench(size: Size, rounds: int, device: torch.device) -> dict:
+    idx, y, source = make_batch(size, "names", device)
+    params = make_params(size, device)
+    ref = reference({k: v.cpu() for k, v in params.items()}, idx.cpu(), y.cpu(), LR)
     res = {"size": size.name, "label": f"{size.family} (T={size.T},E={size.E},H={size.H})", "data": source, "rows": idx.shape[0], "errors": {},
            "median_s": {m: {} for m in MEASUREMENTS}}
     runners = {}
     for name, fn in ARMS.items():
         runners[name] = Runner(fn, params, idx, y, sets_grads=name in SETS_GRADS)
         res["errors"][name] = check(name, runners[name], ref)
-    timer = H.Timer(device)
     # (forward_backward's no_grad loss is mlp_cross_entropy's: not timed twice)
     jobs = [(name, m) for m in MEASUREMENTS for name in ARMS if not (m == "eval" and name in SETS_GRADS)]
-    inner = {}
+    blocks, inner = {}, {}
     for name, m in jobs:  # warm-up, and calls per timed block (~2 ms)
-        fn = getattr(runners[name], m)
-        for _ in range(3):
-            fn()
-        inner[(name, m)] = max(1, min(1000, int(2e-3 / max(timer(fn), 1e-7))))
-    samples = {job: [] for job in jobs}
-    for r in range(rounds):
-        order = jobs[r % len(jobs):] + jobs[:r % len(jobs)]  # rotate the order
-        for job in order:
-            fn, n = getattr(runners[job[0]], job[1]), inner[job]
-            samples[job].append(timer(lambda: [fn() for _ in range(n)]) / n)
-    for (name, m), s in samples.items():
+        blocks[(name, m)] = block = Block(getattr(runners[name], m), device=device)
+        block(3)
+        inner[(name, m)] = max(1, min(1000, int(2e-3 / max(block(1), 1e-7))))
+    # one group: the order of every (arm, measurement) rotates each round; disturbed rounds are redone
+    r = timed_rounds([[(job, lambda job=job: blocks[job](inner[job])) for job in jobs]], rounds)
+    for (name, m), s in r.with_spare(rounds).items():
         res["median_s"][m][name] = statistics.median(s)
     return res
 
@@ -151,7 +141,7 @@ def table(results: list[dict], m: str) -> list[str]:
     for r in results:
         t = r["median_s"][m]
         base = t["plain PyTorch"]
-        cells = [f"{H.fmt_time(t[n])} ({base / t[n]:.2f}x)" for n in names]
+        cells = [f"{fmt_time(t[n])} ({base / t[n]:.2f}x)" for n in names]
         L.append(f"| {r['label']} | {r['rows']:,} | " + " | ".join(cells)
                  + f" | {t['charmlp layer ops'] / t['charmlp mlp_cross_entropy']:.2f}x |")
     return L + [""]
@@ -171,10 +161,10 @@ def main(argv=None):
     threads = torch.get_num_threads()
     results = []
     for spec in args.sizes.split(","):
-        r = bench(H.parse_size(spec), args.rounds, device)
+        r = bench(parse_size(spec), args.rounds, device)
         results.append(r)
         print(f"{r['size']}: " + "; ".join(
-            f"{m}: " + ", ".join(f"{n} {H.fmt_time(v)}" for n, v in r["median_s"][m].items())
+            f"{m}: " + ", ".join(f"{n} {fmt_time(v)}" for n, v in r["median_s"][m].items())
             for m in MEASUREMENTS), flush=True)
     lines = ["# The whole-model loss op under autograd", "",
              f"`python benchmarks/bench_autograd_loss.py` on {device.type} ({threads} torch threads), names.txt "

@@ -7,7 +7,8 @@ the autograd engine's own floor?
 ``model(x, y)``'s forward (the ``mlp_logits_cross_entropy`` op) already computed the five
 parameter gradients; its backward only hands them to autograd (no copy, no scaling when the
 seed is 1), and the engine's ``AccumulateGrad`` nodes set ``.grad``. Timed, each on a fresh
-graph with every ``.grad`` None (as after ``opt.zero_grad()``), median over interleaved rounds:
+graph with every ``.grad`` None (as after ``opt.zero_grad()``; the graph is built in the
+untimed setup of a one-call ``harness.timing.Block``), median over interleaved rounds:
 
 - ``engine floor, 1 leaf``: ``w.sum().backward()`` for one leaf ``w`` (one ``SumBackward0``,
   one ``AccumulateGrad``): the least a backward can cost;
@@ -23,11 +24,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-import charmlp
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Block, timed_rounds  # noqa: E402
+
+import charmlp  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -63,18 +68,19 @@ def main(argv=None) -> int:
         "charmlp, 5 leaves": lambda: model(x, y)[1],
         "charmlp, 5 leaves, through the logits": lambda: (lambda out: out[1] + out[0].mean())(model(x, y)),
     }
-    samples = {k: [] for k in arms}
-    for r in range(args.rounds + 20):
-        for name, make in arms.items():
-            loss = make()
-            leaf.grad = None
-            for q in params:
-                q.grad = None
-            t0 = time.perf_counter_ns()
-            loss.backward()
-            dt = (time.perf_counter_ns() - t0) / 1e3
-            if r >= 20:
-                samples[name].append(dt)
+
+    def zero():
+        leaf.grad = None
+        for q in params:
+            q.grad = None
+
+    blocks = {name: Block("loss.backward()", "loss = make()\nzero()", {"make": make, "zero": zero})
+              for name, make in arms.items()}
+    # one call per sample, in a fixed order (one group per arm); no /proc reads between these
+    # ~0.5 ms rounds: they would slow the lone calls after them (see harness.timing.timed_rounds)
+    r = timed_rounds([[(name, lambda b=b: b(1) * 1e6)] for name, b in blocks.items()], args.rounds, warmup=20,
+                     contention=False)
+    samples = r.with_spare(args.rounds)
     print(f"loss.backward() at B={args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds:\n")
     print("| backward | median |\n|---|---|")

@@ -24,16 +24,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import (PARAM_NAMES, Block, Size, fmt_time, gate_errors, make_batch, make_params, parse_size,  # noqa: E402
+                     reference, rel_err, timed_rounds)
 
 from charmlp import _C, ops  # noqa: E402
+from charmlp import reference as R  # noqa: E402
 
 LR = 0.1
 
 
 def step_fn(params: dict, idx, y, grouping: bool):
     """One fused step on copies of the canonical weights; returns (fn, copies) for timing."""
-    copies = [params[k].clone() for k in H.PARAM_NAMES]
+    copies = [params[k].clone() for k in PARAM_NAMES]
 
     def fn():
         _C._set_context_grouping(grouping)
@@ -43,7 +45,8 @@ def step_fn(params: dict, idx, y, grouping: bool):
 
 
 def seed_step_fn(params: dict, idx, y):
-    """The notebook's eager step (W1 [T*E, H], W2 [H, V] layout) for scale."""
+    """The notebook's eager step (``charmlp.reference.notebook_step``; W1 [T*E, H], W2 [H, V]
+    layout) for scale."""
     C = params["table"].clone().requires_grad_()
     W1 = params["W1"].t().contiguous().requires_grad_()
     b1 = params["b1"].clone().requires_grad_()
@@ -53,15 +56,7 @@ def seed_step_fn(params: dict, idx, y):
 
     def fn():
         """One step; returns the parameters in charmlp's layout (for the correctness check)."""
-        emb = C[idx]
-        h = torch.tanh(emb.view(emb.shape[0], -1) @ W1 + b1)
-        loss = torch.nn.functional.cross_entropy(h @ W2 + b2, y)
-        for p in ps:
-            p.grad = None
-        loss.backward()
-        with torch.no_grad():
-            for p in ps:
-                p.data += -LR * p.grad
+        R.notebook_step(ps, idx, y, LR)
         return {"table": C.detach(), "W1": W1.detach().t(), "b1": b1.detach(), "W2": W2.detach().t(),
                 "b2": b2.detach()}
 
@@ -76,24 +71,24 @@ def check(params: dict, idx, y) -> dict:
     for grouping in (True, False):
         fn, copies = step_fn(params, idx, y, grouping)
         loss = fn()
-        applied = [(params[k].double() - c.double()) / LR for k, c in zip(H.PARAM_NAMES, copies)]
-        runs[grouping] = (loss, dict(zip(H.PARAM_NAMES, copies)), applied)
-    ref = H.reference(params, idx, y, LR)
+        applied = [(params[k].double() - c.double()) / LR for k, c in zip(PARAM_NAMES, copies)]
+        runs[grouping] = (loss, dict(zip(PARAM_NAMES, copies)), applied)
+    ref = reference(params, idx, y, LR)
     on, off = runs[True], runs[False]
-    vs_off = [H._rel_err(on[0].reshape(()), off[0].double().reshape(()))]
-    vs_off += [H._rel_err(a, b) for a, b in zip(on[2], off[2])]
-    errs = H.gate_errors(None, None, on[1], on[0], ref, start=params, lr=LR)
+    vs_off = [rel_err(on[0].reshape(()), off[0].double().reshape(()))]
+    vs_off += [rel_err(a, b) for a, b in zip(on[2], off[2])]
+    errs = gate_errors(None, None, on[1], on[0], ref, start=params, lr=LR)
     # The float32 noise floor: the seed notebook's own float32 step against float64.
     seed = seed_step_fn(params, idx, y)
     seed_params = seed()
-    seed_errs = H.gate_errors(None, None, seed_params, None, ref, start=params, lr=LR)
+    seed_errs = gate_errors(None, None, seed_params, None, ref, start=params, lr=LR)
     return {"grouped_vs_ungrouped": max(vs_off), "grouped_vs_float64": max(errs.values()),
             "seed_vs_float64": max(seed_errs.values())}
 
 
-def bench(size: H.Size, data: str, rounds: int, threads: int) -> dict:
-    idx, y, source = H.make_batch(size, data, torch.device("cpu"))
-    params = H.make_params(size, torch.device("cpu"))
+def bench(size: Size, data: str, rounds: int, threads: int) -> dict:
+    idx, y, source = make_batch(size, data, torch.device("cpu"))
+    params = make_params(size, torch.device("cpu"))
     T = idx.shape[1]
     keys = (idx * torch.tensor([size.V ** (T - 1 - j) for j in range(T)])).sum(1)
     res = {"size": size.name, "data": source, "rows": idx.shape[0], "distinct": int(keys.unique().numel())}
@@ -101,22 +96,15 @@ def bench(size: H.Size, data: str, rounds: int, threads: int) -> dict:
     arms = {"seed eager": seed_step_fn(params, idx, y),
             "charmlp, grouping on": step_fn(params, idx, y, True)[0],
             "charmlp, grouping off": step_fn(params, idx, y, False)[0]}
-    timer = H.Timer(torch.device("cpu"))
-    inner = {}
+    blocks, inner = {}, {}
     for name, fn in arms.items():  # warm-up, and calls per timed block (~2 ms)
-        for _ in range(3):
-            fn()
-        t = timer(fn)
-        inner[name] = max(1, min(1000, int(2e-3 / max(t, 1e-7))))
-    samples = {name: [] for name in arms}
-    for r in range(rounds):
-        names = list(arms)
-        names = names[r % len(names):] + names[:r % len(names)]  # rotate the order
-        for name in names:
-            fn, n = arms[name], inner[name]
-            samples[name].append(timer(lambda: [fn() for _ in range(n)]) / n)
+        blocks[name] = block = Block(fn)
+        block(3)
+        inner[name] = max(1, min(1000, int(2e-3 / max(block(1), 1e-7))))
+    # the order rotates each round; rounds disturbed by other processes are redone
+    r = timed_rounds([[(name, lambda name=name: blocks[name](inner[name])) for name in arms]], rounds)
     _C._set_context_grouping(True)
-    res["median_s"] = {name: statistics.median(s) for name, s in samples.items()}
+    res["median_s"] = {name: statistics.median(s) for name, s in r.with_spare(rounds).items()}
     res["threads"] = threads
     return res
 
@@ -128,8 +116,8 @@ def table(results: list[dict]) -> list[str]:
     for r in results:
         m = r["median_s"]
         on, off, seed = m["charmlp, grouping on"], m["charmlp, grouping off"], m["seed eager"]
-        L.append(f"| {r['size']} | {r['data']} | {r['rows']:,} | {r['distinct']:,} | {H.fmt_time(seed)} | "
-                 f"{H.fmt_time(off)} | {H.fmt_time(on)} | {off / on:.2f}x | {seed / on:.1f}x | "
+        L.append(f"| {r['size']} | {r['data']} | {r['rows']:,} | {r['distinct']:,} | {fmt_time(seed)} | "
+                 f"{fmt_time(off)} | {fmt_time(on)} | {off / on:.2f}x | {seed / on:.1f}x | "
                  f"{r['grouped_vs_ungrouped']:.1e} / {r['grouped_vs_float64']:.1e} / {r['seed_vs_float64']:.1e} |")
     return L
 
@@ -148,10 +136,10 @@ def main(argv=None):
     results = []
     for data in args.data.split(","):
         for spec in args.sizes.split(","):
-            r = bench(H.parse_size(spec), data, args.rounds, threads)
+            r = bench(parse_size(spec), data, args.rounds, threads)
             results.append(r)
             print(f"{r['size']} {data}: {r['distinct']:,} distinct of {r['rows']:,}; "
-                  + ", ".join(f"{k} {H.fmt_time(v)}" for k, v in r["median_s"].items()), flush=True)
+                  + ", ".join(f"{k} {fmt_time(v)}" for k, v in r["median_s"].items()), flush=True)
     lines = ["# Context grouping in the CPU training step", "",
              f"`python benchmarks/bench_context_grouping.py` ({threads} threads): median time of one "
              "`mlp_sgd_step` with `charmlp._C._set_context_grouping` on and off, interleaved round by round; "

@@ -13,23 +13,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import ablation_table, arg_parser, config_from_args, run_embed_ablation  # noqa: E402
 
 DEFAULT = "lecture-32,lecture-256,lecture-4096,lecture-32768,lecture-full,large-4096"
 
 
 def main(argv=None):
-    p = H.arg_parser(__doc__.split("\n\n")[0])
+    p = arg_parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
     if args.sizes is None:
         args.sizes = DEFAULT
-    cfg, sizes, _ = H.config_from_args(args)
+    cfg, sizes, _ = config_from_args(args)
     if cfg.device.type != "cpu":
         raise SystemExit("the embedding-algorithm switch is a CPU-kernel setting")
     cfg.memory = False
-    abl = H.run_embed_ablation(sizes, cfg)
+    abl = run_embed_ablation(sizes, cfg)
     print()
-    print("\n".join(H.ablation_table(abl)))
+    print("\n".join(ablation_table(abl)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ full training step on its own copy of the notebook's weights with its own optimi
 
 - ``seed``: the lecture notebook's loop on raw tensors (W1 ``[T*E, H]``, W2 ``[H, V]``):
   ``C[X]``, ``tanh(emb.view(-1, 30) @ W1 + b1)``, ``h @ W2 + b2``, ``F.cross_entropy``; SGD:
-  ``p.grad = None``, ``loss.backward()``, ``p.data += -lr * p.grad``; AdamW: the same tensors
-  under ``torch.optim.AdamW`` (``zero_grad``, ``backward``, ``step``). The reference of every ratio.
+  ``p.grad = None``, ``loss.backward()``, ``p.data += -lr * p.grad`` (``charmlp.reference.notebook_step``);
+  AdamW: the same forward (``notebook_loss``) and tensors under ``torch.optim.AdamW`` (``zero_grad``,
+  ``backward``, ``step``). The reference of every ratio.
 - ``plain``: the four lines with ``MLPLanguageModel(fused=False)`` (charmlp's model through
   plain PyTorch ops): what charmlp must never be slower than.
 - ``charmlp``: the four lines with ``MLPLanguageModel(fused=True)``: what a user gets without
@@ -30,28 +31,28 @@ Gate first: one step of every arm from the same weights on the same batch, again
 step in float64 (``fused=False``, the same optimizer): loss within 1e-5 relative, every
 parameter's update (SGD) or gradient (AdamW) within 1e-3 of the largest. Then rounds in which every arm runs one
 block of back-to-back steps (~2 ms, at least one step) on the size's batch, the arm order
-rotating each round; rounds during which other processes took more than 5 % of the CPUs are
-redone (the suite's ``Contention``). Reported: median time per step and the speed-up over
+rotating each round, as many rounds as fit ``--budget`` (at least 3); rounds during which
+other processes took more than 5 % of the CPUs are redone, up to 3x (the suite's
+``harness.timing.timed_rounds``). Reported: median time per step and the speed-up over
 ``seed``. Writes idiomatic_loop.md / .json to --out (default: print only).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
+import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import Block, Size, environment, fmt_time, make_batch, summarize, timed_rounds  # noqa: E402
 
 import charmlp  # noqa: E402
+from charmlp import reference as R  # noqa: E402
 
 V, T, E, HID = 27, 3, 10, 200
 LR = {"sgd": 0.1, "adamw": 1e-3}
@@ -92,20 +93,12 @@ class Loop:
         return [p.grad for p in self.model._step_parameters()]
 
     def _seed(self, x, y):
-        C, W1, b1, W2, b2 = self.tensors
-        emb = C[x]
-        h = torch.tanh(emb.view(-1, T * E) @ W1 + b1)
-        loss = F.cross_entropy(h @ W2 + b2, y)
         if self.opt is None:
-            for p in self.tensors:
-                p.grad = None
-            loss.backward()
-            for p in self.tensors:
-                p.data += -LR["sgd"] * p.grad
-        else:
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
+            return R.notebook_step(self.tensors, x, y, LR["sgd"])
+        loss = R.notebook_loss(self.tensors, x, y)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
         return loss
 
     def _idiomatic(self, x, y):
@@ -153,45 +146,24 @@ def gate(optimizer: str, x, y) -> dict[str, float]:
 
 
 def bench(optimizer: str, B: int, data: str, budget: float, warmup: int) -> dict:
-    size = H.Size(f"lecture-{B or 'full'}", T, E, HID, V, B)
-    x, y, source = H.make_batch(size, data, torch.device("cpu"))
+    size = Size(f"lecture-{B or 'full'}", T, E, HID, V, B)
+    x, y, source = make_batch(size, data, torch.device("cpu"))
     errs = gate(optimizer, x, y)
     failed = {a: e for a, e in errs.items() if not e <= 1.0}
     if failed:
         raise SystemExit(f"gate failed ({optimizer}, B={B}, {data}): {failed}")
     loops = {a: Loop(a, optimizer) for a in arms_for(optimizer)}
-    for loop in loops.values():  # the first step creates the optimizer state
-        loop.step(x, y)
-    per_call = {}
-    for a, loop in loops.items():
-        t0 = time.perf_counter()
-        loop.step(x, y)
-        per_call[a] = time.perf_counter() - t0
+    blocks = {a: Block("step(x, y)", globals={"step": loop.step, "x": x, "y": y}) for a, loop in loops.items()}
+    for block in blocks.values():  # the first step creates the optimizer state
+        block(1)
+    per_call = {a: block(1) for a, block in blocks.items()}
     inner = {a: max(1, min(64, round(2e-3 / t))) for a, t in per_call.items()}
-    samples = {a: [] for a in loops}
-    contention = H.Contention()
-    names = list(loops)
-    t_end, rounds = None, 0
-    while True:
-        snap = contention.snapshot()
-        times = {}
-        for a in names[rounds % len(names):] + names[: rounds % len(names)]:
-            step, n = loops[a].step, inner[a]
-            t0 = time.perf_counter_ns()
-            for _ in range(n):
-                step(x, y)
-            times[a] = (time.perf_counter_ns() - t0) / 1e9 / n
-        rounds += 1
-        if not contention.clean(snap, contention.snapshot()):
-            continue
-        if rounds <= warmup:
-            continue
-        for a, t in times.items():
-            samples[a].append(t)
-        t_end = t_end or time.perf_counter() + budget
-        if time.perf_counter() > t_end and len(samples["seed"]) >= 3:
-            break
-    stats = {a: H.summarize(s) for a, s in samples.items()}
+    jobs = [(a, lambda a=a: blocks[a](inner[a])) for a in loops]
+    warm = timed_rounds([jobs], max(warmup, 1)).with_spare()  # warm-up rounds: they size the timed phase
+    round_s = sum(statistics.median(warm[a]) * inner[a] for a in loops)
+    rounds = max(3, int(budget / max(round_s, 1e-9)))  # as many rounds as fit the budget
+    r = timed_rounds([jobs], rounds)
+    stats = {a: summarize(s) for a, s in r.with_spare(rounds).items()}
     seed = stats["seed"]["median_s"]
     for a in stats:
         stats[a]["speedup_vs_seed"] = seed / stats[a]["median_s"]
@@ -210,7 +182,7 @@ def table(results: list[dict], optimizer: str, data: str) -> list[str]:
         cells = []
         for r in rows:
             s = r["stats"][a]
-            t = H.fmt_time(s["median_s"])
+            t = fmt_time(s["median_s"])
             cells.append(t if a == "seed" else f"{t} ({s['speedup_vs_seed']:.2f}x)")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return lines
@@ -251,7 +223,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget, warmup = (0.3, 1) if args.quick else (args.budget, args.warmup)
-    env = H.environment(torch.device("cpu"), torch.get_num_threads())
+    env = environment(torch.device("cpu"), torch.get_num_threads())
     results = []
     for optimizer in args.optimizer.split(","):
         for data in args.data.split(","):
@@ -259,7 +231,7 @@ def main(argv=None) -> int:
                 r = bench(optimizer, B, data, budget, warmup)
                 results.append(r)
                 print(f"{optimizer:5s} {data:6s} B={r['B']:>7,}: " + ", ".join(
-                    f"{a} {H.fmt_time(s['median_s'])} ({s['speedup_vs_seed']:.2f}x)" for a, s in r["stats"].items()),
+                    f"{a} {fmt_time(s['median_s'])} ({s['speedup_vs_seed']:.2f}x)" for a, s in r["stats"].items()),
                     flush=True)
     command = "python benchmarks/bench_idiomatic_loop.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     md = render(results, env, command.strip())

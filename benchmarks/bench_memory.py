@@ -12,19 +12,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import ARMS, DEFAULT_ARMS, arg_parser, bench_size, config_from_args, memory_table  # noqa: E402
 
 
 def main(argv=None):
-    p = H.arg_parser(__doc__.split("\n\n")[0])
+    p = arg_parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
-    cfg, sizes, arms = H.config_from_args(args)
+    cfg, sizes, arms = config_from_args(args)
     cfg.memory = True
-    registry = H.ARMS
-    names = arms or [n for n in H.DEFAULT_ARMS if cfg.device.type == "cuda" or not registry[n].cuda_only]
-    res = {"arms": names, "sizes": [H.bench_size(s, [registry[n] for n in names], cfg, time_it=False) for s in sizes]}
+    registry = ARMS
+    names = arms or [n for n in DEFAULT_ARMS if cfg.device.type == "cuda" or not registry[n].cuda_only]
+    res = {"arms": names, "sizes": [bench_size(s, [registry[n] for n in names], cfg, time_it=False) for s in sizes]}
     print()
-    print("\n".join(H.memory_table(res)))
+    print("\n".join(memory_table(res)))
 
 
 if __name__ == "__main__":

@@ -14,24 +14,26 @@ the training step's. An op that the installed charmlp lacks is reported as SKIPP
 
 from __future__ import annotations
 
-import gc
-import math
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import (Block, Config, Size, arg_parser, config_from_args, fmt_bytes, fmt_time, gate_passes,  # noqa: E402
+                     make_batch, make_params, peak_memory, rel_err, summarize, timed_rounds)
 
 import charmlp  # noqa: E402
+from charmlp import reference as R  # noqa: E402
 
 DEFAULT_SIZES = "lecture-32,lecture-4096,lecture-full,large-4096"
 
 
 def _arms():
+    # `torch` is the PyTorch pair this op-level question is about, F.linear + F.cross_entropy as
+    # they are (charmlp.reference.linear_cross_entropy's shape-generic reshapes are not its work)
     arms = {"torch": (lambda h, W, b, y: F.cross_entropy(F.linear(h, W, b), y), "")}
     # torch's own fused op (torch >= 2.13: chunked, pure PyTorch), the first thing a user compares against
     tlce = getattr(F, "linear_cross_entropy", None)
@@ -46,98 +48,85 @@ def _arms():
     return arms
 
 
-def bench_output_layer(sizes: list[H.Size], cfg: H.Config, log=print) -> dict:
-    dev = cfg.device
-    timer = H.Timer(dev)
+def _inputs(size: Size, cfg: Config):
+    """(idx, y, source, leaves [h, W2, b2], float64 reference (loss, grads)) of one size; h = the
+    model's own hidden states for the batch (charmlp.reference's first layer)."""
+    idx, y, source = make_batch(size, cfg.data, cfg.device, cfg.seed)
+    params = make_params(size, cfg.device)
+    with torch.no_grad():
+        h0 = R.embed_linear_tanh(idx, params["table"], params["W1"], params["b1"])
+    leaves = [t.clone().requires_grad_() for t in (h0, params["W2"], params["b2"])]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    loss = R.linear_cross_entropy(*ref, y)
+    return idx, y, source, leaves, (loss.detach(), torch.autograd.grad(loss, ref))
+
+
+def _gate(rec: dict, leaves, y, ref, log) -> dict:
+    """Gates every op (loss and the gradients of h, W, b against float64); returns the passing ones."""
+    live = {}
+    for name, (fn, why) in _arms().items():
+        r = {"status": "SKIPPED", "reason": why, "times": {}, "gate": {}, "peak_memory_bytes": None}
+        rec["arms"][name] = r
+        if fn is None:
+            continue
+        try:
+            for t in leaves:
+                t.grad = None
+            loss = fn(*leaves, y)
+            grads = torch.autograd.grad(loss, leaves)
+            r["gate"] = {"loss": rel_err(loss, ref[0])}
+            r["gate"].update({f"grad.{k}": rel_err(g, g_ref) for k, g, g_ref in zip("hWb", grads, ref[1])})
+        except Exception as e:
+            r["status"], r["reason"] = "ERROR", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            continue
+        ok, bad = gate_passes(r["gate"])
+        r["status"], r["reason"] = ("PASS", "") if ok else ("FAILED", bad)
+        log(f"  {name:12s} {r['status']} {bad}")
+        if ok:
+            live[name] = fn
+    return live
+
+
+def _time(rec: dict, live: dict, leaves, y, cfg: Config) -> None:
+    """Forward (under no_grad: the loss alone, as in evaluation; with grad enabled charmlp's
+    scalar-loss forward also computes the gradients, so the training cost is forward+backward)
+    and forward+backward of every op, interleaved; rounds sized from the warm-up's."""
+    g = {"leaves": leaves, "y": y}
+    stmts = {"forward": "fn(*leaves, y)", "fwd_bwd": "torch.autograd.grad(fn(*leaves, y), leaves)"}
+    blocks = {(n, m): Block(stmt, "pass", {**g, "fn": fn}, cfg.device) for n, fn in live.items()
+              for m, stmt in stmts.items()}
+
+    def sample(key):
+        if key[1] == "forward":
+            with torch.no_grad():
+                return blocks[key](1)
+        return blocks[key](1)
+
+    plan = [(n, m) for m in ("forward", "fwd_bwd") for n in live]
+    round_s = sum(sample(k) for _ in range(cfg.warmup_rounds) for k in plan) / max(cfg.warmup_rounds, 1)
+    reps = int(min(cfg.max_repeats, max(cfg.min_repeats, cfg.budget_s / max(round_s, 1e-9)))) if plan else 0
+    groups = [[((n, m), lambda k=(n, m): sample(k)) for n in live] for m in ("forward", "fwd_bwd")]
+    r = timed_rounds([grp for grp in groups if grp], reps)  # rounds disturbed by other processes are redone
+    contended = r.kept < reps
+    rec["contention"] = {"kept_rounds": r.kept, "dropped_rounds": r.dropped, "contended": contended}
+    for (n, m), s in (r.with_spare() if contended else r.samples).items():
+        rec["arms"][n]["times"][m] = summarize(s)
+    rec["repeats"] = reps
+
+
+def bench_output_layer(sizes: list[Size], cfg: Config, log=print) -> dict:
     out = {"sizes": []}
     for size in sizes:
-        idx, y, source = H.make_batch(size, cfg.data, dev, cfg.seed)
+        idx, y, source, leaves, ref = _inputs(size, cfg)
         B = idx.shape[0]
-        params = H.make_params(size, dev)
-        with torch.no_grad():  # realistic hidden states: the model's own first layer
-            emb = params["table"][idx].view(B, -1)
-            h0 = torch.tanh(F.linear(emb, params["W1"], params["b1"]))
-        W0, b0 = params["W2"], params["b2"]
-        # float64 reference
-        hr, Wr, br = (t.double().requires_grad_() for t in (h0, W0, b0))
-        lr_ = F.cross_entropy(F.linear(hr, Wr, br), y)
-        gr = torch.autograd.grad(lr_, (hr, Wr, br))
-        leaves = [t.clone().requires_grad_() for t in (h0, W0, b0)]
-        rec = {"name": size.name, "size": H.dataclasses.asdict(size), "B": B, "data": source, "arms": {}}
-        live = {}
+        rec = {"name": size.name, "size": dataclasses.asdict(size), "B": B, "data": source, "arms": {}}
         log(f"[output layer {size.name}] B={B:,} H={size.H} V={size.V}")
-        for name, (fn, why) in _arms().items():
-            r = {"status": "SKIPPED", "reason": why, "times": {}, "gate": {}, "peak_memory_bytes": None}
-            rec["arms"][name] = r
-            if fn is None:
-                continue
-            try:
-                for t in leaves:
-                    t.grad = None
-                loss = fn(*leaves, y)
-                grads = torch.autograd.grad(loss, leaves)
-                r["gate"] = {"loss": H._rel_err(loss, lr_.detach())}
-                r["gate"].update({f"grad.{k}": H._rel_err(g, g_ref) for k, g, g_ref in zip("hWb", grads, gr)})
-            except Exception as e:
-                r["status"], r["reason"] = "ERROR", f"{type(e).__name__}: {e}".splitlines()[0][:200]
-                continue
-            ok, bad = H.gate_passes(r["gate"])
-            r["status"], r["reason"] = ("PASS", "") if ok else ("FAILED", bad)
-            log(f"  {name:12s} {r['status']} {bad}")
-            if ok:
-                live[name] = fn
-
-        def fwd(fn):
-            # Under no_grad: the loss alone (evaluation). With grad enabled, charmlp's
-            # scalar-loss forward also computes the gradients (see ops.linear_cross_entropy),
-            # so the training cost is the forward+backward column.
-            with torch.no_grad():
-                return fn(*leaves, y)
-
-        def fwd_bwd(fn):
-            return torch.autograd.grad(fn(*leaves, y), leaves)
-
-        plan = [(n, m) for m in ("forward", "fwd_bwd") for n in live]
-        run = {"forward": fwd, "fwd_bwd": fwd_bwd}
-        t0 = time.perf_counter()
-        for _ in range(cfg.warmup_rounds):
-            for n, m in plan:
-                timer(lambda: run[m](live[n]))
-        round_s = (time.perf_counter() - t0) / max(cfg.warmup_rounds, 1)
-        reps = int(min(cfg.max_repeats, max(cfg.min_repeats, cfg.budget_s / max(round_s, 1e-9)))) if plan else 0
-        samples = {k: [] for k in plan}
-        spare = {k: [] for k in plan}
-        cont = H.Contention()
-        kept = rep = 0
-        while kept < reps and rep < 3 * reps:  # rounds disturbed by other processes are redone
-            if rep % 50 == 0:  # a full collection costs ~50 ms with compiled code loaded
-                gc.collect()
-            gc.disable()
-            this = {}
-            before = cont.snapshot()
-            try:
-                for m in ("forward", "fwd_bwd"):
-                    names = list(live)
-                    k = rep % len(names)
-                    for n in names[k:] + names[:k]:
-                        this[(n, m)] = timer(lambda: run[m](live[n]))
-            finally:
-                gc.enable()
-            clean = cont.clean(before, cont.snapshot())
-            for key, t in this.items():
-                (samples if clean else spare)[key].append(t)
-            kept += clean
-            rep += 1
-        if kept < reps:
-            for key in samples:
-                samples[key].extend(spare[key])
-        rec["contention"] = {"kept_rounds": kept, "dropped_rounds": rep - kept, "contended": kept < reps}
-        for (n, m), s in samples.items():
-            rec["arms"][n]["times"][m] = H.summarize(s)
+        live = _gate(rec, leaves, y, ref, log)
+        _time(rec, live, leaves, y, cfg)
         if cfg.memory:
             for n, fn in live.items():
-                rec["arms"][n]["peak_memory_bytes"] = H.peak_memory(lambda: fwd_bwd(fn), dev)
-        rec["repeats"] = reps
+                rec["arms"][n]["peak_memory_bytes"] = peak_memory(
+                    lambda: torch.autograd.grad(fn(*leaves, y), leaves), cfg.device)
         out["sizes"].append(rec)
     return out
 
@@ -154,20 +143,20 @@ def output_layer_table(res: dict) -> list[str]:
             for a in arms:
                 r = s["arms"][a]
                 t = r["times"].get(m, {}).get("median_s")
-                row.append(f"{H.fmt_time(t)}" + (f" ({base / t:.2f}x)" if t and base else "") if t else r["status"])
+                row.append(f"{fmt_time(t)}" + (f" ({base / t:.2f}x)" if t and base else "") if t else r["status"])
         base = s["arms"]["torch"]["peak_memory_bytes"]
         for a in arms:
             b = s["arms"][a]["peak_memory_bytes"]
-            row.append(H.fmt_bytes(b) + (f" ({b / base:.2f}x)" if b is not None and base else "") if b is not None else s["arms"][a]["status"])
+            row.append(fmt_bytes(b) + (f" ({b / base:.2f}x)" if b is not None and base else "") if b is not None else s["arms"][a]["status"])
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
 def main(argv=None):
-    args = H.arg_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    args = arg_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     if args.sizes is None:
         args.sizes = DEFAULT_SIZES
-    cfg, sizes, _ = H.config_from_args(args)
+    cfg, sizes, _ = config_from_args(args)
     res = bench_output_layer(sizes, cfg)
     print()
     print("\n".join(output_layer_table(res)))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import cpu_model, fmt_time, measure_sgemm_peak  # noqa: E402
 
 
 def main(argv=None):
@@ -27,11 +27,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     ns = args.n or ([1024, 2048, 4096] if dev.type == "cpu" else [4096, 8192])
-    print(f"{H.cpu_model()}; torch {torch.__version__}; {torch.get_num_threads()} threads")
+    print(f"{cpu_model()}; torch {torch.__version__}; {torch.get_num_threads()} threads")
     print("| n | median | GFLOP/s (median) | GFLOP/s (best) |\n|---|---|---|---|")
     for n in ns:
-        r = H.measure_sgemm_peak(dev, n=n)
-        print(f"| {n} | {H.fmt_time(r['median_s'])} | {r['gflops']:.1f} | {r['best_gflops']:.1f} |")
+        r = measure_sgemm_peak(dev, n=n)
+        print(f"| {n} | {fmt_time(r['median_s'])} | {r['gflops']:.1f} | {r['best_gflops']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import environment, find_names_txt, jsonable, loadavg  # noqa: E402
 
 from charmlp.train import PRESETS, TrainConfig, preset_config, train  # noqa: E402
 
@@ -96,12 +96,12 @@ def best_by(curve: list[dict], t: float) -> float | None:
 def run(args, log=print) -> dict:
     data = args.data
     if data is None:
-        found = H.find_names_txt()
+        found = find_names_txt()
         data = str(found) if found else None
     if data is None:
         log("names.txt not found: using the embedded corpus (numbers not comparable with the lecture's)")
     common = dict(data=data, threads=args.threads, num_samples=0)
-    out = {"environment": H.environment(torch.device("cpu"), args.threads), "data": data,
+    out = {"environment": environment(torch.device("cpu"), args.threads), "data": data,
            "targets": args.targets, "budgets": args.budgets, "configs": {},
            "command": " ".join(shlex.quote(a) for a in sys.argv)}
     t_all = time.perf_counter()
@@ -141,7 +141,7 @@ def run(args, log=print) -> dict:
         out["configs"]["preset"] = {"how": "one --time-budget run per budget; the longest one's curve",
                                     "arms": arms, "flags": _preset_flags()}
     out["elapsed_s"] = time.perf_counter() - t_all
-    out["environment"]["loadavg_end"] = H._loadavg()
+    out["environment"]["loadavg_end"] = loadavg()
     return out
 
 
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         png = "time_to_quality.png"
         plot(res, args.out / png)
-        (args.out / "time_to_quality.json").write_text(json.dumps(H._jsonable(res), indent=1) + "\n")
+        (args.out / "time_to_quality.json").write_text(json.dumps(jsonable(res), indent=1) + "\n")
     md = render(res, png)
     print(md)
     if args.out is not None:

@@ -13,18 +13,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import arg_parser, config_from_args, render_markdown, run_suite, write_report  # noqa: E402
 
 
 def main(argv=None):
-    args = H.arg_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    cfg, sizes, arms = H.config_from_args(args)
+    args = arg_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    cfg, sizes, arms = config_from_args(args)
     if args.no_memory:
         cfg.memory = False
-    res = H.run_suite(sizes, arms, cfg)
+    res = run_suite(sizes, arms, cfg)
     if args.out:
-        H.write_report(res, Path(args.out))
-    print(H.render_markdown(res))
+        write_report(res, Path(args.out))
+    print(render_markdown(res))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ loop (``bench_idiomatic_loop.py`` measures it for both optimizers). Four arms, e
 training-loop segment on its own copy of the same notebook-init weights
 (``MLPLanguageModel(27, 3, 10, 200, fused=True, init="notebook")``), lr 0.1:
 
-- ``seed``: the notebook's eager loop: ``emb = C[X]``, ``h = torch.tanh(emb.view(-1, 30) @ W1
-  + b1)``, ``logits = h @ W2 + b2``, ``F.cross_entropy``, ``p.grad = None``,
-  ``loss.backward()``, ``p.data += -lr * p.grad``, ``loss.item()``;
+- ``seed``: the notebook's eager loop (``charmlp.reference.notebook_step``): ``emb = C[X]``,
+  ``h = torch.tanh(emb.view(-1, 30) @ W1 + b1)``, ``logits = h @ W2 + b2``, ``F.cross_entropy``,
+  ``p.grad = None``, ``loss.backward()``, ``p.data += -lr * p.grad``, then ``loss.item()``;
 - ``idiomatic``: ``logits, loss = model(x, y); opt.zero_grad(); loss.backward(); opt.step()``
   with ``torch.optim.SGD(lr=0.1)``, then ``loss.item()``;
 - ``loop``: ``for j in range(k): losses.append(float(model.sgd_step(xs[j], ys[j], lr)))``;
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import shlex
 import statistics
@@ -52,12 +51,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import (Block, Size, environment, fmt_time, jsonable, loadavg, make_batch, summarize,  # noqa: E402
+                     timed_rounds)
 
 import charmlp  # noqa: E402
+from charmlp import reference as R  # noqa: E402
 from charmlp.train import LR_DEFAULTS, WD_DEFAULTS  # noqa: E402
 
 LECTURE_STEPS = 200_000
@@ -70,7 +70,7 @@ def load_data(data: str, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor, 
     """X [N, 3], Y [N]: every row of names.txt at block 3 (makemore's dataset, via
     charmlp.data), or uniform random ids of the same shape when names.txt is absent or
     ``data == "random"``."""
-    X, Y, source = H.make_batch(H.Size("lecture-full", T, E, HID, V, 0), data, torch.device("cpu"), seed=seed)
+    X, Y, source = make_batch(Size("lecture-full", T, E, HID, V, 0), data, torch.device("cpu"), seed=seed)
     return X, Y, source
 
 
@@ -80,8 +80,8 @@ def new_model() -> charmlp.MLPLanguageModel:
 
 # ---------------------------------------------------------------- the optimizers
 # An optimizer is a class whose instance is one fused model's training state (the model and
-# its optimizer) with the ``loop`` and ``chunk`` arms as methods; its ``seed_optimizer`` is
-# the seed loop's update over the notebook's tensors. Everything else is shared.
+# its optimizer) with the ``loop`` and ``chunk`` arms as methods. Everything else is shared;
+# the seed loop is the notebook's (plain SGD at the optimizer's lr).
 
 
 class Optimizer:
@@ -108,11 +108,6 @@ class Optimizer:
         """Everything the next steps depend on: parameters and the optimizer's state."""
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
-    @classmethod
-    def seed_optimizer(cls, params: list[torch.Tensor]):
-        """(zero, update) of the seed loop over the notebook's tensors ``params``."""
-        raise NotImplementedError
-
 
 class SGD(Optimizer):
     """Plain SGD (``charmlp train``'s default): the model is the whole training state."""
@@ -135,28 +130,13 @@ class SGD(Optimizer):
     def chunk(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
         return self.model.sgd_steps(xs, ys, [self.lr] * xs.shape[0]).tolist()
 
-    @classmethod
-    def seed_optimizer(cls, params: list[torch.Tensor]):
-        """The notebook's own two lines."""
-        lr = cls.lr
-
-        def zero():
-            for p in params:
-                p.grad = None
-
-        def update():
-            for p in params:
-                p.data += -lr * p.grad
-
-        return zero, update
-
 
 OPTIMIZERS = {o.name: o for o in (SGD,)}
 
 
 class SeedLoop:
     """The notebook's tensors (C, W1 [T*E, H], b1, W2 [H, V], b2) copied from a model, trained
-    by the notebook's eager loop with ``optim``'s seed update."""
+    by the notebook's eager loop (``charmlp.reference.notebook_step``) at ``optim``'s lr."""
 
     def __init__(self, model: charmlp.MLPLanguageModel, optim: type[Optimizer]):
         self.C = model.embed.table.detach().clone().requires_grad_()
@@ -165,20 +145,14 @@ class SeedLoop:
         self.W2 = model.head.weight.detach().t().contiguous().requires_grad_()
         self.b2 = model.head.bias.detach().clone().requires_grad_()
         self.parameters = [self.C, self.W1, self.b1, self.W2, self.b2]
-        self.zero, self.update = optim.seed_optimizer(self.parameters)
+        assert not optim.weight_decay, "the notebook's step is plain SGD"
+        self.lr = optim.lr
 
     def run(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
-        C, W1, b1, W2, b2 = self.parameters
-        zero, update = self.zero, self.update
+        parameters, lr = self.parameters, self.lr
         losses = []
         for j in range(xs.shape[0]):
-            emb = C[xs[j]]
-            h = torch.tanh(emb.view(-1, T * E) @ W1 + b1)
-            logits = h @ W2 + b2
-            loss = F.cross_entropy(logits, ys[j])
-            zero()
-            loss.backward()
-            update()
+            loss = R.notebook_step(parameters, xs[j], ys[j], lr)
             losses.append(loss.item())
         return losses
 
@@ -248,6 +222,32 @@ def gate(optim: type[Optimizer], X, Y, k: int, batch: int, gen: torch.Generator)
     return res
 
 
+def _time_arms(runs: dict, X, Y, batch: int, k: int, rounds: int, warmup: int, gen: torch.Generator) -> dict:
+    """Rounds of one chunk of ``k`` steps per arm on fresh minibatches, the same for every arm
+    in a round (drawn before the round, untimed); returns the record's timing fields."""
+    batch_now: list = []
+    final_losses = {}
+
+    def draw_round(_):
+        batch_now[:] = draw(X, Y, k, batch, gen)
+
+    def chunk_of(arm):
+        def run():
+            final_losses[arm] = runs[arm](*batch_now)[-1]
+
+        block = Block(run)
+        return lambda: block(1) / k
+
+    # a full collection before every (long) round; rounds during which other processes used the
+    # CPUs are redone (up to 3x), then the earliest of them fill what is missing
+    r = timed_rounds([[(arm, chunk_of(arm)) for arm in ARMS]], rounds, warmup=warmup, gc_every=1,
+                     before_round=draw_round)
+    samples = r.with_spare(rounds)
+    return {"warmup_rounds": warmup, "kept_rounds": r.kept, "dropped_rounds": r.dropped,
+            "contended": r.kept < rounds, "steps_per_arm": 1 + k * r.ran, "samples_s_per_step": samples,
+            "summary": {arm: summarize(s) for arm, s in samples.items()}, "final_loss": final_losses}
+
+
 def bench(optim: type[Optimizer], X, Y, batch: int, k: int, rounds: int, warmup: int, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     res = {"optimizer": optim.name, "batch": batch, "chunk": k, "gate": gate(optim, X, Y, k, batch, gen)}
@@ -259,47 +259,8 @@ def bench(optim: type[Optimizer], X, Y, batch: int, k: int, rounds: int, warmup:
     xs, ys = draw(X, Y, 1, batch, gen)
     for arm in ARMS:
         runs[arm](xs, ys)
-    samples = {a: [] for a in ARMS}
-    final_losses = {}
-    cont = H.Contention()
-    kept = dropped = attempts = 0
-    contended = False
-    steps_run = 1
-    max_attempts = warmup + 3 * rounds
-    gc_was = gc.isenabled()
-    while kept < rounds:
-        attempts += 1
-        xs, ys = draw(X, Y, k, batch, gen)  # the same fresh minibatches for every arm this round
-        order = list(ARMS[attempts % len(ARMS):] + ARMS[:attempts % len(ARMS)])  # rotate the order
-        times = {}
-        gc.collect()
-        gc.disable()
-        a = cont.snapshot()
-        try:
-            for arm in order:
-                t0 = time.perf_counter_ns()
-                losses = runs[arm](xs, ys)
-                times[arm] = (time.perf_counter_ns() - t0) / 1e9 / k
-                final_losses[arm] = losses[-1]
-        finally:
-            if gc_was:
-                gc.enable()
-        b = cont.snapshot()
-        steps_run += k
-        if attempts <= warmup:
-            continue
-        if cont.clean(a, b) or attempts > max_attempts:
-            if attempts > max_attempts:
-                contended = True
-            kept += 1
-            for arm in ARMS:
-                samples[arm].append(times[arm])
-        else:
-            dropped += 1
-    res.update({"warmup_rounds": warmup, "kept_rounds": kept, "dropped_rounds": dropped, "contended": contended,
-                "steps_per_arm": steps_run, "samples_s_per_step": samples,
-                "summary": {arm: H.summarize(s) for arm, s in samples.items()},
-                "final_loss": final_losses})
+    res.update(_time_arms(runs, X, Y, batch, k, rounds, warmup, gen))
+    samples, steps_run = res["samples_s_per_step"], res["steps_per_arm"]
     # loop and chunk trained on the same minibatches from the same weights throughout
     diff = differing(m_loop, m_chunk)
     res["after_timing_differing"] = diff
@@ -324,7 +285,7 @@ def bench(optim: type[Optimizer], X, Y, batch: int, k: int, rounds: int, warmup:
 
 def cell(s: dict) -> str:
     med = s["median_s"]
-    return f"{H.fmt_time(med)} ±{50 * s['iqr_s'] / med:.0f}%"
+    return f"{fmt_time(med)} ±{50 * s['iqr_s'] / med:.0f}%"
 
 
 def table(results: list[dict]) -> list[str]:
@@ -428,7 +389,7 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
     optims = list(OPTIMIZERS.values())
-    env = H.environment(torch.device("cpu"), threads)
+    env = environment(torch.device("cpu"), threads)
     X, Y, source = load_data(args.data)
     print(f"training loop benchmark: {threads} threads, data {source}, k={args.chunk}, "
           f"{args.rounds} rounds (+{args.warmup} warm-up)", flush=True)
@@ -439,10 +400,10 @@ def main(argv=None) -> int:
             r = bench(optim, X, Y, batch, args.chunk, args.rounds, args.warmup)
             results.append(r)
             print(f"{optim.name} B={batch}: "
-                  + ", ".join(f"{a} {H.fmt_time(r['summary'][a]['median_s'])}/step" for a in ARMS)
+                  + ", ".join(f"{a} {fmt_time(r['summary'][a]['median_s'])}/step" for a in ARMS)
                   + f"; chunk vs idiomatic {r['chunk_vs_idiomatic']:.2f}x, vs loop {r['chunk_vs_loop']:.2f}x, "
                     f"vs seed {r['chunk_vs_seed']:.1f}x", flush=True)
-    env["loadavg_end"] = H._loadavg()
+    env["loadavg_end"] = loadavg()
     given = sys.argv[1:] if argv is None else list(argv)
     command = "python benchmarks/bench_training_loop.py" + (" " + shlex.join(given) if given else "")
     lines = render(results, env, source, args, command)
@@ -456,7 +417,7 @@ def main(argv=None) -> int:
                 "config": {"chunk": args.chunk, "rounds": args.rounds, "warmup": args.warmup, "batches": batches,
                            "optimizers": [o.name for o in optims]},
                 "elapsed_s": time.perf_counter() - t0, "results": results}
-        (out / "training_loop.json").write_text(json.dumps(H._jsonable(blob), indent=1))
+        (out / "training_loop.json").write_text(json.dumps(jsonable(blob), indent=1))
     return 0
 
 

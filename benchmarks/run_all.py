@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _harness as H  # noqa: E402
+from harness import (Config, arg_parser, config_from_args, default_outdir, parse_size, render_markdown,  # noqa: E402
+                     run_embed_ablation, run_suite, wait_quiet, write_report)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = H.arg_parser(__doc__.split("\n\n")[0])
+    p = arg_parser(__doc__.split("\n\n")[0])
     p.add_argument("--no-ablation", action="store_true", help="skip the embedding-algorithm ablation")
     p.add_argument("--ablation-sizes", default="lecture-32,lecture-256,lecture-4096,lecture-32768,large-4096",
                    help="sizes of the embedding-algorithm ablation (CPU only)")
@@ -42,37 +43,37 @@ def main(argv: list[str] | None = None) -> int:
         src = Path(args.from_json)
         res = json.loads(src.read_text())
         out = Path(args.out) if args.out else src.parent
-        files = H.write_report(res, out, res.get("ablation"), plots=not args.no_plots, command=res.get("command"))
+        files = write_report(res, out, res.get("ablation"), plots=not args.no_plots, command=res.get("command"))
         print(f"wrote {', '.join(str(f) for f in files.values())}")
         return 0
     if args.wait_quiet > 0:
-        H.wait_quiet(args.wait_quiet)
+        wait_quiet(args.wait_quiet)
     t0 = time.perf_counter()
-    cfg, sizes, arms = H.config_from_args(args)
-    res = H.run_suite(sizes, arms, cfg)
+    cfg, sizes, arms = config_from_args(args)
+    res = run_suite(sizes, arms, cfg)
     ablation = None
     if not args.no_ablation and cfg.device.type == "cpu":
-        abl_sizes = [H.parse_size(s) for s in args.ablation_sizes.split(",")] if args.ablation_sizes else []
+        abl_sizes = [parse_size(s) for s in args.ablation_sizes.split(",")] if args.ablation_sizes else []
         if args.quick and args.sizes:
             abl_sizes = sizes[:1]
         if abl_sizes:
             print("ablation: charmlp CPU embedding algorithm")
-            abl_cfg = H.Config(**{**cfg.__dict__, "budget_s": min(cfg.budget_s, 6.0), "memory": False})
-            ablation = H.run_embed_ablation(abl_sizes, abl_cfg)
+            abl_cfg = Config(**{**cfg.__dict__, "budget_s": min(cfg.budget_s, 6.0), "memory": False})
+            ablation = run_embed_ablation(abl_sizes, abl_cfg)
     if not args.no_output_layer:
         import bench_output_layer as OL
 
         print("output layer: F.linear + F.cross_entropy vs charmlp's fused ops")
-        ol_sizes = sizes[:1] if args.quick and args.sizes else [H.parse_size(s) for s in args.output_layer_sizes.split(",")]
-        ol_cfg = H.Config(**{**cfg.__dict__, "budget_s": min(cfg.budget_s, 5.0)})
+        ol_sizes = sizes[:1] if args.quick and args.sizes else [parse_size(s) for s in args.output_layer_sizes.split(",")]
+        ol_cfg = Config(**{**cfg.__dict__, "budget_s": min(cfg.budget_s, 5.0)})
         res["output_layer"] = OL.bench_output_layer(ol_sizes, ol_cfg)
         res["output_layer_table"] = OL.output_layer_table(res["output_layer"])
     res["total_s"] = time.perf_counter() - t0
-    out = Path(args.out) if args.out else H.default_outdir(cfg.device)
+    out = Path(args.out) if args.out else default_outdir(cfg.device)
     cmd = "python benchmarks/run_all.py" + ("" if argv is None and len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:] if argv is None else argv))
     res["command"] = cmd
-    files = H.write_report(res, out, ablation, plots=not args.no_plots, command=cmd)
-    print(H.render_markdown(res, ablation, None, cmd))
+    files = write_report(res, out, ablation, plots=not args.no_plots, command=cmd)
+    print(render_markdown(res, ablation, None, cmd))
     print(f"wrote {', '.join(str(f) for f in files.values())} in {res['total_s']:.0f} s")
     failed = [(s["name"], a["name"]) for s in res["sizes"] for a in s["arms"] if a["status"] in ("FAILED", "ERROR")]
     if failed:

@@ -17,7 +17,7 @@ import charmlp
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import _harness as H  # noqa: E402
+import harness as H  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY = H.SIZES["tiny-64"]
@@ -56,7 +56,7 @@ class ForgetsBiasArm(H.FunctionalArm):
     def setup(self, params, size, idx, y, lr):
         super().setup(params, size, idx, y, lr)
         m = self.model
-        self.opt = torch.optim.SGD([m.table, m.W1, m.b1, m.W2], lr=lr)
+        self.opt = torch.optim.SGD([m.table, m.weight1, m.bias1, m.weight2], lr=lr)
 
 
 class CrashArm(H.Arm):
@@ -125,6 +125,24 @@ def test_rss_probe_runs_in_a_fresh_process():
     for name in ("seed", "charmlp"):
         assert "error" not in out[name], out[name]
         assert out[name]["peak_bytes"] >= 0 and out[name]["B"] == TINY.B
+
+
+def test_block_and_timed_rounds():
+    # a Block runs its setup once, untimed, then the statement `number` times
+    calls = []
+    block = H.Block("calls.append(1)", "calls.clear()", {"calls": calls})
+    assert block(5) > 0 and calls == [1] * 5
+    # every round runs each group's jobs once, the order rotating by the round number
+    order = []
+
+    def job(name):
+        return lambda: order.append(name) or 1e-6
+
+    r = H.timed_rounds([[("a", job("a")), ("b", job("b")), ("c", job("c"))]], 3, warmup=1)
+    assert r.ran == r.kept + r.dropped + 1 and r.kept <= 3 and r.ran <= 1 + 9
+    assert order[:9] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(r.samples[k]) == r.kept and len(r.spare[k]) == r.dropped for k in "abc")
+    assert all(len(s) == 3 for s in r.with_spare(3).values())
 
 
 def test_parse_size():

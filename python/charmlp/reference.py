@@ -7,8 +7,11 @@ Every op test, every benchmark arm that stands for "plain PyTorch" and the model
                --linear--> logits [*, V] --cross-entropy--> loss
 
 Parameters are in ``nn.Linear`` layout (``weight1`` is ``[H, T*E]``, ``weight2`` is
-``[V, H]``), as charmlp's modules store them, except in :func:`notebook_step`, which is
-the lecture notebook's raw-tensor step with its ``W1 [T*E, H]`` / ``W2 [H, V]`` layout.
+``[V, H]``), as charmlp's modules store them, except in :func:`notebook_loss` and
+:func:`notebook_step`, the lecture notebook's raw-tensor forward and step with its
+``W1 [T*E, H]`` / ``W2 [H, V]`` layout. :func:`module_loss` is the same model spelled as an
+``nn.Module`` is written (:class:`MLP`'s forward: ``F.embedding``, ``flatten``, no reshapes):
+what the benchmarks' plain-PyTorch arms time.
 Nothing here is fast on purpose: it is what the kernels are measured against.
 """
 
@@ -24,10 +27,16 @@ from torch import Tensor
 PARAM_NAMES = ("table", "weight1", "bias1", "weight2", "bias2")
 
 
-def embed_linear_tanh(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``h = tanh(concat(table[idx]) @ weight^T + bias)``: ``idx [*, T]`` -> ``h [*, H]``."""
-    emb = table[idx.long()]  # [*, T, E]
-    return torch.tanh(F.linear(emb.reshape(*idx.shape[:-1], -1), weight, bias))
+def embed_linear_tanh(idx: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None = None,
+                      padding_idx: int | None = None) -> Tensor:
+    """``h = tanh(concat(table[idx]) @ weight^T + bias)``: ``idx [*, T]`` -> ``h [*, H]``.
+
+    ``padding_idx`` is ``nn.Embedding``'s: that table row gets no gradient.
+    """
+    idx = idx.long()
+    emb = table[idx] if padding_idx is None else F.embedding(idx, table, padding_idx)  # [*, T, E]
+    # flatten, not reshape(..., -1): an empty batch has no size to infer.
+    return torch.tanh(F.linear(emb.flatten(-2), weight, bias))
 
 
 def cross_entropy(logits: Tensor, target: Tensor, **kwargs) -> Tensor:
@@ -40,9 +49,14 @@ def cross_entropy(logits: Tensor, target: Tensor, **kwargs) -> Tensor:
     return loss.reshape(target.shape) if kwargs.get("reduction") == "none" else loss
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, **kwargs) -> Tensor:
-    """``cross_entropy(h @ weight^T + bias, target)``, materializing the ``[*, V]`` logits."""
-    return cross_entropy(F.linear(h, weight, bias), target, **kwargs)
+def linear_cross_entropy(h: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, *,
+                         class_weight: Tensor | None = None, **kwargs) -> Tensor:
+    """``cross_entropy(h @ weight^T + bias, target)``, materializing the ``[*, V]`` logits.
+
+    ``class_weight`` is ``F.cross_entropy``'s ``weight=`` (``weight`` is the layer's), as in
+    ``charmlp.ops.linear_cross_entropy``.
+    """
+    return cross_entropy(F.linear(h, weight, bias), target, weight=class_weight, **kwargs)
 
 
 def mlp_logits(idx: Tensor, table: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor,
@@ -76,23 +90,43 @@ def mlp_sgd_step(idx: Tensor, target: Tensor, params: Sequence[Tensor], lr: floa
     return loss, [(p.detach().to(g.dtype) - lr * g) for p, g in zip(params, grads)]
 
 
+def notebook_loss(parameters: Sequence[Tensor], X: Tensor, Y: Tensor) -> Tensor:
+    """The makemore MLP notebook's forward on its raw tensors: ``C[X]``, ``.view(-1, T*E) @ W1 + b1``,
+    ``torch.tanh``, ``@ W2 + b2``, ``F.cross_entropy``. Layout as in :func:`notebook_step`."""
+    C, W1, b1, W2, b2 = parameters
+    emb = C[X]
+    h = torch.tanh(emb.view(-1, W1.shape[0]) @ W1 + b1)
+    logits = h @ W2 + b2
+    return F.cross_entropy(logits, Y)
+
+
 def notebook_step(parameters: Sequence[Tensor], X: Tensor, Y: Tensor, lr: float) -> Tensor:
     """The makemore MLP notebook's training step, on its raw tensors, in place.
 
     ``parameters = [C, W1, b1, W2, b2]`` in the notebook's layout (``W1 [T*E, H]``,
     ``W2 [H, V]``), each a leaf with ``requires_grad``. Returns the loss before the step.
     """
-    C, W1, b1, W2, b2 = parameters
-    emb = C[X]
-    h = torch.tanh(emb.view(-1, W1.shape[0]) @ W1 + b1)
-    logits = h @ W2 + b2
-    loss = F.cross_entropy(logits, Y)
+    loss = notebook_loss(parameters, X, Y)
     for p in parameters:
         p.grad = None
     loss.backward()
     for p in parameters:
         p.data += -lr * p.grad
     return loss
+
+
+def module_hidden(idx: Tensor, table: Tensor, weight1: Tensor, bias1: Tensor) -> Tensor:
+    """:func:`embed_linear_tanh` of an ``idx [B, T]`` batch as an ``nn.Module`` is written
+    (:class:`MLP`'s first layer): ``tanh(F.linear(F.embedding(idx, table).flatten(1), weight1, bias1))``."""
+    return torch.tanh(F.linear(F.embedding(idx, table).flatten(1), weight1, bias1))
+
+
+def module_loss(idx: Tensor, target: Tensor, table: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor,
+                bias2: Tensor) -> Tensor:
+    """:func:`mlp_loss` of an ``idx [B, T]`` batch as an ``nn.Module`` is written (:class:`MLP`'s
+    forward): :func:`module_hidden`, ``F.linear``, ``F.cross_entropy``, no reshapes."""
+    h = module_hidden(idx, table, weight1, bias1)
+    return F.cross_entropy(F.linear(h, weight2, bias2), target)
 
 
 class MLP(torch.nn.Module):
@@ -108,5 +142,4 @@ class MLP(torch.nn.Module):
         self.bias2 = torch.nn.Parameter(bias2.detach().clone())
 
     def forward(self, idx: Tensor, target: Tensor) -> Tensor:
-        h = torch.tanh(F.linear(F.embedding(idx, self.table).flatten(1), self.weight1, self.bias1))
-        return F.cross_entropy(F.linear(h, self.weight2, self.bias2), target)
+        return module_loss(idx, target, self.table, self.weight1, self.bias1, self.weight2, self.bias2)

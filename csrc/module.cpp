@@ -20,6 +20,7 @@
 #include "op_handles.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/output_gemm.h"
+#include "kernel_impl.h"
 
 #ifndef CHARMLP_TORCH_VERSION
 #error "CMake must define CHARMLP_TORCH_VERSION"
@@ -91,6 +92,22 @@ std::string get_output_gemm() {
     case charmlp::OutputGemm::kAten: return "aten";
     default: return "auto";
   }
+}
+
+// kernel_impl.h: the fast kernels or the kernel tour's naive ones.
+void set_kernel_impl(const std::string& name) {
+  if (name == "fast") {
+    charmlp::set_kernel_impl(charmlp::KernelImpl::kFast);
+  } else if (name == "naive") {
+    charmlp::set_kernel_impl(charmlp::KernelImpl::kNaive);
+  } else {
+    throw py::value_error("charmlp: kernel implementation (name) must be 'fast' or 'naive', got '" +
+                          name + "'");
+  }
+}
+
+std::string get_kernel_impl() {
+  return charmlp::get_kernel_impl() == charmlp::KernelImpl::kNaive ? "naive" : "fast";
 }
 
 std::string get_embed_algorithm() {
@@ -175,6 +192,10 @@ PYBIND11_MODULE(_C, m) {
         "Force the CPU linear_cross_entropy GEMMs: 'auto' (by head size), 'small' (the fused "
         "chunk loop) or 'aten' (row blocks through ATen's GEMMs).");
   m.def("_get_output_gemm", &get_output_gemm);
+  m.def("_set_kernel_impl", &set_kernel_impl,
+        "Run embed_linear_tanh and cross_entropy (forward and backward, CPU and CUDA) with the "
+        "'fast' kernels (default) or the kernel tour's 'naive' ones.");
+  m.def("_kernel_impl", &get_kernel_impl);
   // Errors reach Python as torch.ops would raise them (IndexError, ValueError, TypeError,
   // NotImplementedError, ...), not as pybind11's generic RuntimeError.
   py::register_local_exception_translator([](std::exception_ptr e) {

@@ -8,6 +8,12 @@
 // (CPUID and the OS's saved vector state, through __builtin_cpu_supports), and can be
 // changed at any time between calls: the tests run every op under every capability the
 // host has, in one process.
+//
+// The ops with a naive version (kernel_impl.h: embed_linear_tanh, cross_entropy and their
+// backwards) check that switch first, in the same trampoline. The naive kernels are not in
+// the capability tables: they are plain scalar loops, compiled once with the library's
+// baseline flags (cpu/naive/), so there is nothing for an instruction set to change. They
+// run the same argument and index checks as the fast kernels before their loops.
 #include "cpu/cpu_dispatch.h"
 
 #include <c10/util/Exception.h>
@@ -15,13 +21,17 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstddef>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/context_grouping.h"
 #include "cpu/embed_algorithm.h"
 #include "cpu/kernels.h"
+#include "cpu/naive/naive_cpu.h"
 #include "cpu/output_gemm.h"
+#include "kernel_impl.h"
 
 namespace charmlp {
 
@@ -94,17 +104,38 @@ const Capability& active_capability() {
   return *c;
 }
 
-// The registered CPU kernel of op: forwards to the active capability's.
+// The naive kernel of an op (kernel_impl.h), or none.
+template <auto Kernel>
+struct NaiveKernel {
+  static constexpr std::nullptr_t fn = nullptr;
+};
+#define CHARMLP_NAIVE_CPU_KERNEL_ENTRY(op)                                                \
+  template <>                                                                             \
+  struct NaiveKernel<&CpuKernels::op> {                                                   \
+    static constexpr auto fn = &naive::op##_naive_cpu;                                    \
+    static_assert(std::is_same_v<decltype(fn), decltype(CpuKernels::op) const>);          \
+  };
+CHARMLP_FOR_EACH_NAIVE_CPU_OP(CHARMLP_NAIVE_CPU_KERNEL_ENTRY)
+#undef CHARMLP_NAIVE_CPU_KERNEL_ENTRY
+
+// The registered CPU kernel of op: forwards to the active capability's, or to the naive
+// kernel when the op has one and charmlp.set_kernel_impl("naive") chose it.
 template <auto Kernel>
 struct Dispatched;
 template <typename R, typename... Args, R (*CpuKernels::*Kernel)(Args...)>
 struct Dispatched<Kernel> {
-  static R call(Args... args) { return (active_capability().kernels->*Kernel)(args...); }
+  static R call(Args... args) {
+    if constexpr (NaiveKernel<Kernel>::fn != nullptr) {
+      if (use_naive_kernels()) return NaiveKernel<Kernel>::fn(args...);
+    }
+    return (active_capability().kernels->*Kernel)(args...);
+  }
 };
 
 std::atomic<int> g_embed_algorithm{static_cast<int>(EmbedAlgorithm::kAuto)};
 std::atomic<int> g_output_gemm{static_cast<int>(OutputGemm::kAuto)};
 std::atomic<bool> g_context_grouping{true};
+std::atomic<int> g_kernel_impl{static_cast<int>(KernelImpl::kFast)};
 
 }  // namespace
 
@@ -149,6 +180,10 @@ void set_output_gemm(OutputGemm gemm) { g_output_gemm.store(static_cast<int>(gem
 OutputGemm get_output_gemm() { return static_cast<OutputGemm>(g_output_gemm.load()); }
 void set_context_grouping(bool enabled) { g_context_grouping.store(enabled); }
 bool get_context_grouping() { return g_context_grouping.load(); }
+void set_kernel_impl(KernelImpl impl) { g_kernel_impl.store(static_cast<int>(impl)); }
+KernelImpl get_kernel_impl() {
+  return static_cast<KernelImpl>(g_kernel_impl.load(std::memory_order_relaxed));
+}
 
 TORCH_LIBRARY_IMPL(charmlp, CPU, m) {
 #define CHARMLP_REGISTER_CPU_KERNEL(op) m.impl(#op, &Dispatched<&CpuKernels::op>::call);

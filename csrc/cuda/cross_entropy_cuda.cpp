@@ -5,6 +5,7 @@
 #include "class_weight.h"
 #include "cuda/host_common.h"
 #include "cuda/ops_cuda.h"
+#include "kernel_impl.h"
 
 namespace charmlp {
 namespace cuda {
@@ -109,6 +110,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits,
                                                       const at::Tensor& target, int64_t reduction,
                                                       int64_t ignore_index, double label_smoothing,
                                                       const std::optional<at::Tensor>& weight) {
+  if (use_naive_kernels()) {
+    return cross_entropy_naive_cuda(logits, target, reduction, ignore_index, label_smoothing,
+                                    weight);
+  }
   const c10::cuda::CUDAGuard guard(logits.device());
   if (weight) {
     const ClassWeight cw = class_weight_for(*weight, logits, target, ignore_index, label_smoothing);
@@ -126,6 +131,10 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
                                        int64_t reduction, int64_t ignore_index,
                                        double label_smoothing,
                                        const std::optional<at::Tensor>& weight) {
+  if (use_naive_kernels()) {
+    return cross_entropy_backward_naive_cuda(grad_loss, logits, target, lse, reduction,
+                                             ignore_index, label_smoothing, weight);
+  }
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad;
   if (weight) {
@@ -147,6 +156,10 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_cuda(
     const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
     double label_smoothing, const std::optional<at::Tensor>& weight) {
+  if (use_naive_kernels()) {
+    return cross_entropy_and_grads_naive_cuda(logits, target, reduction, ignore_index,
+                                              label_smoothing, weight);
+  }
   check_scalar_loss_reduction(reduction, "cross_entropy_and_grads");
   const c10::cuda::CUDAGuard guard(logits.device());
   if (weight) {

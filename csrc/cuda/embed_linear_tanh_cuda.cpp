@@ -7,6 +7,7 @@
 #include "cpu/embed_algorithm.h"
 #include "cuda/host_common.h"
 #include "cuda/ops_cuda.h"
+#include "kernel_impl.h"
 
 namespace charmlp {
 namespace cuda {
@@ -187,6 +188,7 @@ namespace {
 
 at::Tensor embed_linear_tanh_cuda(const at::Tensor& idx, const at::Tensor& table,
                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (use_naive_kernels()) return embed_linear_tanh_naive_cuda(idx, table, weight, bias);
   at::Tensor out = embed_linear_tanh_launch(idx, table, weight, bias);
   const c10::cuda::CUDAGuard guard(table.device());
   check_index_errors();
@@ -196,6 +198,9 @@ at::Tensor embed_linear_tanh_cuda(const at::Tensor& idx, const at::Tensor& table
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& idx,
     const at::Tensor& table, const at::Tensor& weight) {
+  if (use_naive_kernels()) {
+    return embed_linear_tanh_backward_naive_cuda(grad_out, out, idx, table, weight);
+  }
   auto grads = embed_linear_tanh_backward_launch(grad_out, out, idx, table, weight);
   const c10::cuda::CUDAGuard guard(table.device());
   check_index_errors();

@@ -137,6 +137,48 @@ void launch_ce_backward(const acc_t* grad_loss, int64_t reduction, const scalar_
 bool needs_count_buffer(int64_t reduction, int64_t B, int blocks);
 
 // ---------------------------------------------------------------------------------------
+// The kernel tour's naive kernels (embed_linear_tanh_naive.cu, cross_entropy_naive.cu; see
+// kernel_impl.h): one thread per output element. Same shapes as the fast ones above.
+// ---------------------------------------------------------------------------------------
+
+// out [B, H]; every index checked first; bias may be null.
+template <typename scalar_t>
+void launch_naive_embed_forward(const int64_t* idx, const scalar_t* table, const scalar_t* weight,
+                                const scalar_t* bias, scalar_t* out, int64_t B, int64_t T,
+                                int64_t V, int64_t E, int64_t H, IndexErrorRecord err,
+                                cudaStream_t stream);
+
+// grad_table [V, E], grad_weight [H, T*E], grad_bias [H], each element written.
+template <typename scalar_t>
+void launch_naive_embed_backward(const scalar_t* grad_out, const scalar_t* out, const int64_t* idx,
+                                 const scalar_t* table, const scalar_t* weight,
+                                 scalar_t* grad_table, scalar_t* grad_weight, scalar_t* grad_bias,
+                                 int64_t B, int64_t T, int64_t V, int64_t E, int64_t H,
+                                 IndexErrorRecord err, cudaStream_t stream);
+
+// sums [2] (acc): the mean's denominator (sum of the counted rows' class weights: their
+// count without weights) and sum_v w[v]. w: class weights [V] (acc) or null for none.
+template <typename acc_t>
+void launch_naive_ce_sums(const int64_t* target, const acc_t* w, int64_t B, int64_t V,
+                          int64_t ignore_index, acc_t* sums, IndexErrorRecord err,
+                          cudaStream_t stream);
+
+// lse [B] and row_loss [B] (acc); for sum / mean also the scalar *loss (needs sums).
+template <typename scalar_t, typename acc_t>
+void launch_naive_ce_forward(const scalar_t* logits, const int64_t* target, const acc_t* w,
+                             int64_t B, int64_t V, int64_t ignore_index, acc_t eps,
+                             int64_t reduction, const acc_t* sums, acc_t* lse, acc_t* row_loss,
+                             scalar_t* loss, IndexErrorRecord err, cudaStream_t stream);
+
+// grad [B, V]. grad_loss: acc [B] (none) or [1], null = 1.
+template <typename scalar_t, typename acc_t>
+void launch_naive_ce_backward(const acc_t* grad_loss, int64_t reduction, const scalar_t* logits,
+                              const int64_t* target, const acc_t* w, const acc_t* lse,
+                              const acc_t* sums, int64_t B, int64_t V, int64_t ignore_index,
+                              acc_t eps, scalar_t* grad, IndexErrorRecord err,
+                              cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
 // linear_cross_entropy, fused small-vocabulary path (linear_cross_entropy_kernels.cu)
 // ---------------------------------------------------------------------------------------
 

@@ -42,5 +42,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_lau
     const std::optional<at::Tensor>& bias, const at::Tensor& target, const at::Tensor& lse,
     int64_t reduction, int64_t ignore_index, double label_smoothing);
 
+// The kernel tour's naive kernels (kernel_impl.h; naive_cuda.cpp): the registered CUDA
+// kernels of embed_linear_tanh and cross_entropy call these under set_kernel_impl("naive").
+// Each runs the fast op's argument checks and raises index errors like the public op.
+at::Tensor embed_linear_tanh_naive_cuda(const at::Tensor& idx, const at::Tensor& table,
+                                        const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embed_linear_tanh_backward_naive_cuda(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& idx,
+    const at::Tensor& table, const at::Tensor& weight);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_naive_cuda(
+    const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, const std::optional<at::Tensor>& weight);
+at::Tensor cross_entropy_backward_naive_cuda(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                             const at::Tensor& target, const at::Tensor& lse,
+                                             int64_t reduction, int64_t ignore_index,
+                                             double label_smoothing,
+                                             const std::optional<at::Tensor>& weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_naive_cuda(
+    const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
+    double label_smoothing, const std::optional<at::Tensor>& weight);
+
 }  // namespace cuda
 }  // namespace charmlp

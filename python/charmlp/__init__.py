@@ -6,7 +6,15 @@ registered with the dispatcher (``torch.ops.charmlp.*``), usable under autograd 
 ``torch.compile``, wrapped in ``nn.Module``s.
 """
 
-from ._extension import build_info, cpu_capability, has_cuda_kernels, set_cpu_capability
+from ._extension import (
+    build_info,
+    cpu_capability,
+    has_cuda_kernels,
+    kernel_impl,
+    set_cpu_capability,
+    set_kernel_impl,
+    use_kernel_impl,
+)
 from . import ops
 from .modules import CrossEntropyLoss, EmbedLinearTanh, LinearCrossEntropyLoss
 from .model import MLPLanguageModel
@@ -21,6 +29,9 @@ __all__ = [
     "build_info",
     "cpu_capability",
     "has_cuda_kernels",
+    "kernel_impl",
     "ops",
     "set_cpu_capability",
+    "set_kernel_impl",
+    "use_kernel_impl",
 ]

@@ -8,7 +8,9 @@ cases into one clear ImportError that says how to rebuild.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -72,10 +74,66 @@ def _apply_cpu_capability_env() -> None:
 _apply_cpu_capability_env()
 
 
+KERNEL_IMPLS = ("fast", "naive")
+
+
+def kernel_impl() -> str:
+    """The kernels ``embed_linear_tanh`` and ``cross_entropy`` run with: ``"fast"`` (the
+    default) or ``"naive"`` (see :func:`set_kernel_impl`)."""
+    return _C._kernel_impl()
+
+
+def _check_kernel_impl(caller: str, name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"charmlp.{caller}: name must be a str, got {type(name).__name__}")
+    if name not in KERNEL_IMPLS:
+        raise ValueError(f"charmlp.{caller}: name must be 'fast' or 'naive', got {name!r}")
+    return name
+
+
+def set_kernel_impl(name: str) -> None:
+    """Runs ``embed_linear_tanh`` and ``cross_entropy`` with the ``"fast"`` kernels (the
+    default) or the ``"naive"`` ones, from the next call on.
+
+    The naive kernels are the first stop of the kernel tour: each op as plain loops on CPU
+    (``csrc/cpu/naive/``) and one thread per output element on CUDA
+    (``csrc/cuda/*_naive.cu``), each readable in one screen, with the same arguments,
+    checks (index bounds included) and results within rounding, and many times slower.
+    The switch covers the forwards and the backwards autograd calls
+    (``embed_linear_tanh_backward``, ``cross_entropy_backward``,
+    ``cross_entropy_and_grads``), on CPU and CUDA, wherever they are called from (the
+    modules, ``torch.ops.charmlp``). The other ops -- ``linear_cross_entropy`` and the
+    whole-model ops (``mlp_cross_entropy``, ``mlp_logits_cross_entropy``, ``mlp_sgd_step(s)``)
+    -- have no naive version and always run their fast kernels.
+
+    Process-wide (every thread), like :func:`set_cpu_capability`. Raises ValueError for a
+    name other than ``"fast"`` or ``"naive"``. See :func:`use_kernel_impl` for a scoped switch.
+    """
+    _C._set_kernel_impl(_check_kernel_impl("set_kernel_impl", name))
+
+
+@contextlib.contextmanager
+def _kernel_impl_scope(name: str) -> Iterator[str]:
+    prev = kernel_impl()
+    _C._set_kernel_impl(name)
+    try:
+        yield name
+    finally:
+        _C._set_kernel_impl(prev)
+
+
+def use_kernel_impl(name: str) -> contextlib.AbstractContextManager[str]:
+    """``with charmlp.use_kernel_impl("naive"): ...`` runs the block under
+    :func:`set_kernel_impl` ``(name)`` and restores the previous choice on exit (also on an
+    exception). Raises ValueError at once for a bad name."""
+    return _kernel_impl_scope(_check_kernel_impl("use_kernel_impl", name))
+
+
 def build_info() -> dict:
     """How the extension was built: torch version, CUDA and arch list, OpenMP, compiler,
-    the CPU kernels' capabilities (compiled, supported here, and ``cpu_capability``: in use)."""
-    return {**BUILD_INFO, "cpu_capability": cpu_capability()}
+    the CPU kernels' capabilities (compiled, supported here, and ``cpu_capability``: in use),
+    and ``kernel_impl``: the kernels in use (:func:`set_kernel_impl`)."""
+    return {**BUILD_INFO, "cpu_capability": cpu_capability(), "kernel_impl": kernel_impl()}
 
 
 def has_cuda_kernels() -> bool:

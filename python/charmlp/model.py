@@ -3,8 +3,8 @@
     idx [B, T] --embed_linear_tanh--> h [B, H] --linear--> logits [B, V] --cross-entropy--> loss
 
 ``fused=True`` runs the charmlp ops; ``fused=False`` runs the very same parameters
-through plain PyTorch ops (the lecture's code), so the two paths can be compared and
-benchmarked on identical weights.
+through plain PyTorch ops (:mod:`charmlp.reference`, the ground truth the kernels are
+tested against), so the two paths can be compared and benchmarked on identical weights.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, reference
 from .modules import EmbedLinearTanh
 
 __all__ = ["MLPLanguageModel", "NOTEBOOK_SEED"]
@@ -146,8 +146,7 @@ class MLPLanguageModel(nn.Module):
         self._check_idx(idx)
         if self.fused:
             return self.embed(idx)
-        emb = self.embed.table[idx]  # B x T x E
-        return torch.tanh(emb.view(emb.shape[0], -1) @ self.embed.weight.T + self.embed.bias)
+        return reference.embed_linear_tanh(idx, self.embed.table, self.embed.weight, self.embed.bias)
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = True
@@ -181,7 +180,7 @@ class MLPLanguageModel(nn.Module):
             return logits, None
         if self.fused:
             return logits, ops.cross_entropy(logits, targets)
-        return logits, F.cross_entropy(logits, targets)
+        return logits, reference.cross_entropy(logits, targets)
 
     def _step_parameters(self) -> tuple:
         """(table, W1, b1, W2, b2), read straight from the modules' parameter dicts.

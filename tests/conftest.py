@@ -1,4 +1,5 @@
-"""Shared fixtures and plain-PyTorch references for the charmlp tests."""
+"""Shared fixtures and assertions for the charmlp tests (the plain-PyTorch model they check
+against is charmlp.reference)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import charmlp
 from charmlp import _C
@@ -23,9 +23,14 @@ TOL = {
 }
 
 
-def embed_linear_tanh_reference(idx, table, weight, bias=None):
-    B, T = idx.shape
-    return torch.tanh(F.linear(table[idx.long()].reshape(B, T * table.shape[1]), weight, bias))
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """`train(threads=N)` sets torch's thread count for the process, as the command line
+    does; a test that trains must not change it for the tests after it."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 @pytest.fixture(params=["auto", "direct", "folded"])
@@ -76,3 +81,12 @@ def assert_all_bitwise(actual, expected):
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         assert_bitwise(a, e)
+
+
+@pytest.fixture(params=["fast", "naive"])
+def kernel_impl(request):
+    """Runs a test with charmlp's fast kernels and again with the kernel tour's naive ones
+    (charmlp.set_kernel_impl: embed_linear_tanh and cross_entropy, forward and backward, on
+    CPU and CUDA), restoring the previous choice after."""
+    with charmlp.use_kernel_impl(request.param):
+        yield request.param

@@ -244,3 +244,13 @@ def test_layers_benchmark_runs_gated_on_tiny_shapes(tmp_path):
     assert "torch threads" in md and "## Targets" in md and "## Correctness gate" in md
     for title in ("embed_linear_tanh", "linear_cross_entropy", "cross_entropy", "peak memory"):
         assert title in md, title
+
+
+def test_tour_benchmark_checks_and_times_every_stage(tmp_path):
+    cmd = [sys.executable, str(BENCH / "bench_tour.py"), "--quick", "--sizes", "tiny-64", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = (tmp_path / "tour.md").read_text()
+    for row in ("| `embed_linear_tanh` | tiny-64 | forward + backward |", "| `cross_entropy` | tiny-64 | forward |",
+                "| fused: model.sgd_step | tiny-64 |"):
+        assert row in report, report

@@ -1,4 +1,4 @@
-"""charmlp.ops.cross_entropy against F.cross_entropy."""
+"""charmlp.ops.cross_entropy against charmlp.reference.cross_entropy (F.cross_entropy)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from charmlp import ops
+from charmlp import ops, reference
 from conftest import assert_close
+
+# Every test runs against the fast kernels and the naive ones (charmlp.set_kernel_impl).
+pytestmark = pytest.mark.usefixtures("kernel_impl")
 
 SHAPES = [(1, 2), (7, 3), (32, 27), (4099, 27), (64, 1000), (3, 5)]
 
@@ -32,7 +34,7 @@ def _loss_and_grad(fn, logits, target, **kw):
 
 def _compare(logits, target, **kw):
     loss, grad = _loss_and_grad(ops.cross_entropy, logits, target, **kw)
-    ref, ref_grad = _loss_and_grad(F.cross_entropy, logits, target, **kw)
+    ref, ref_grad = _loss_and_grad(reference.cross_entropy, logits, target, **kw)
     assert loss.shape == ref.shape and loss.dtype == ref.dtype
     assert_close(loss, ref, equal_nan=True)
     assert_close(grad, ref_grad, equal_nan=True)
@@ -69,7 +71,7 @@ def test_all_ignored_batch(reduction, label_smoothing):
 def test_empty_batch(reduction):
     logits, target = _inputs(0, 27)
     loss = ops.cross_entropy(logits, target, reduction=reduction)
-    ref = F.cross_entropy(logits, target, reduction=reduction)
+    ref = reference.cross_entropy(logits, target, reduction=reduction)
     assert loss.shape == ref.shape
     assert_close(loss, ref, equal_nan=True)
 
@@ -92,7 +94,7 @@ def test_dtypes(dtype):
     logits, target = _inputs(40, 27, dtype=dtype)
     loss, grad = _loss_and_grad(ops.cross_entropy, logits, target)
     up = logits.detach().double().requires_grad_()
-    ref, ref_grad = _loss_and_grad(F.cross_entropy, up, target)
+    ref, ref_grad = _loss_and_grad(reference.cross_entropy, up, target)
     assert loss.dtype == dtype and grad.dtype == dtype
     assert_close(loss, ref.to(dtype), dtype=dtype)
     assert_close(grad, ref_grad.to(dtype), dtype=dtype)
@@ -107,7 +109,7 @@ def test_lse_is_saved_in_float32_for_bfloat16():
 
 def test_int32_targets():
     logits, target = _inputs(30, 27)
-    assert_close(ops.cross_entropy(logits, target.int()), F.cross_entropy(logits, target))
+    assert_close(ops.cross_entropy(logits, target.int()), reference.cross_entropy(logits, target))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -135,7 +137,7 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(lambda x, t: ops.cross_entropy(x, t, label_smoothing=0.1), fullgraph=True)
     loss = compiled(logits, target)
     (grad,) = torch.autograd.grad(loss, logits)
-    ref = F.cross_entropy(logits, target, label_smoothing=0.1)
+    ref = reference.cross_entropy(logits, target, label_smoothing=0.1)
     (ref_grad,) = torch.autograd.grad(ref, logits)
     assert_close(loss, ref)
     assert_close(grad, ref_grad)
@@ -145,7 +147,8 @@ def test_non_contiguous_inputs():
     base = torch.randn(40, 60)
     logits = base[3:33:2, 5:32]   # [15, 27], strided and offset
     target = torch.randint(0, 27, (30,))[::2]
-    assert_close(ops.cross_entropy(logits, target, reduction="none"), F.cross_entropy(logits, target, reduction="none"))
+    assert_close(ops.cross_entropy(logits, target, reduction="none"),
+                 reference.cross_entropy(logits, target, reduction="none"))
 
 
 @pytest.mark.parametrize("bad", [27, -1, -101, 10**9])
@@ -182,7 +185,8 @@ def test_and_grads_op_matches_reference_and_the_two_pass_backward(reduction, lab
     P = torch.ops.charmlp
     loss, lse, grad = P.cross_entropy_and_grads(logits.detach(), target, reduction, -100, label_smoothing)
     up = logits.detach().double().requires_grad_()
-    ref = F.cross_entropy(up, target, reduction={1: "mean", 2: "sum"}[reduction], label_smoothing=label_smoothing)
+    ref = reference.cross_entropy(up, target, reduction={1: "mean", 2: "sum"}[reduction],
+                                  label_smoothing=label_smoothing)
     (ref_grad,) = torch.autograd.grad(ref, up)
     assert loss.dtype == dtype and grad.dtype == dtype and lse.dtype == torch.float32
     assert_close(loss, ref.to(dtype), dtype=dtype)
@@ -209,7 +213,7 @@ def test_scalar_loss_graph_building_backward_and_no_grad_records_nothing():
     loss = ops.cross_entropy(logits, target)
     grads = torch.autograd.grad(loss, logits, create_graph=True)
     assert all(g.requires_grad for g in grads)
-    for g, r in zip(grads, torch.autograd.grad(F.cross_entropy(logits, target), (logits,))):
+    for g, r in zip(grads, torch.autograd.grad(reference.cross_entropy(logits, target), (logits,))):
         torch.testing.assert_close(g, r)
     with torch.no_grad():
         assert ops.cross_entropy(logits, target).grad_fn is None
@@ -219,7 +223,7 @@ def test_retained_graph_backward_twice_after_in_place_grad_changes():
     logits, target = _inputs(64, 27)
     loss = ops.cross_entropy(logits, target)
     loss.backward(retain_graph=True)
-    (want,) = torch.autograd.grad(F.cross_entropy(logits, target), logits)
+    (want,) = torch.autograd.grad(reference.cross_entropy(logits, target), logits)
     assert_close(logits.grad, want)
     logits.grad.zero_()
     loss.backward()
@@ -240,5 +244,5 @@ def test_lse_is_accurate_over_the_range_of_sums_and_propagates_nan(V):
     assert torch.isnan(lse[5]) and torch.isnan(loss[5])
     keep = torch.arange(64) != 5
     torch.testing.assert_close(lse[keep].double(), ref_lse[keep], rtol=1e-6, atol=1e-6)
-    ref_loss = F.cross_entropy(logits.float().double(), target, reduction="none")
+    ref_loss = reference.cross_entropy(logits.float().double(), target, reduction="none")
     torch.testing.assert_close(loss[keep].double(), ref_loss[keep], rtol=1e-5, atol=1e-5)

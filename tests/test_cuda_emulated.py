@@ -17,6 +17,8 @@ test runs its threads in a shuffled order of its own; an AddressSanitizer re-run
 catches any access past a tensor; self-test kernels show each emulator check fires.
 What it cannot: real-hardware concerns (memory ordering between concurrently running
 threads, timing, occupancy, the GPU's libm). See tests/cuda_emulation/cuda_emu.cpp.
+The cases, their inputs and the tolerances are tests/_cuda_cases.py's, shared with
+tests/test_cuda_ops.py.
 
 First run: ~1 min to build (~1 min more for the ASan build; both cached under
 build/cuda_emulation afterwards).
@@ -37,6 +39,9 @@ import torch.nn.functional as F
 
 import charmlp  # noqa: F401  (registers torch.ops.charmlp)
 from charmlp import ops
+from _cuda_cases import (CE_SHAPES, DTYPE_IDS, DTYPES, ELT_SHAPES, LCE_SHAPES, MLP_SHAPES, REDUCTIONS, ce_inputs,
+                         elt_inputs, lce_inputs, mlp_case, mlp_params)
+from _cuda_cases import assert_close_to_cpu_op as _close
 from conftest import assert_all_bitwise, assert_bitwise
 
 # Loaded from its path under a name of its own (a bare `import build` could find pypa's).
@@ -52,8 +57,6 @@ cuda_emulation.load(sanitize=UNDER_ASAN)
 EMU = torch.ops.charmlp_cuda_emu
 CPU = torch.ops.charmlp
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
 ALGORITHMS = {"auto": 0, "direct": 1, "folded": 2}
 # Thread orders the emulation runs blocks in: in order, reversed, shuffled (seed 7).
 SCHEDULES = [0, 1, 7]
@@ -91,20 +94,19 @@ def mode(request):
     torch.use_deterministic_algorithms(prev)
 
 
-def _close(actual, expected, dtype, what=""):
-    """Tolerances for two float32-accumulating implementations that sum in different
-    orders; bf16/f16 results may differ by one rounding of their 8/11-bit mantissa."""
-    assert actual.dtype == expected.dtype, what
-    assert actual.shape == expected.shape, what
-    a, e = actual.double(), expected.double()
-    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-    rtol, atol = {
-        torch.float32: (2e-5, 2e-6),
-        torch.float64: (1e-12, 1e-13),
-        torch.bfloat16: (1.6e-2, 1.6e-2),
-        torch.float16: (2e-3, 2e-3),
-    }[dtype]
-    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+@pytest.fixture(params=["fast", "naive"])
+def emu_kernel_impl(request):
+    """The emulated embed_linear_tanh and cross_entropy ops run the fast CUDA kernels, then
+    the kernel tour's naive ones (the emulated library's own switch; charmlp.set_kernel_impl
+    sets the real extension's), compared with the fast CPU ops either way."""
+    EMU._emu_set_kernel_impl(request.param)
+    yield request.param
+    EMU._emu_set_kernel_impl("fast")
+
+
+# (embed algorithm, kernels): the fast kernels' two algorithms, and the naive kernels
+# (which have none: the algorithm is ignored).
+ELT_PATHS = [("direct", "fast"), ("folded", "fast"), ("direct", "naive")]
 
 
 def test_every_cuda_op_is_emulated():
@@ -118,37 +120,38 @@ def test_every_cuda_op_is_emulated():
     assert launches2 > launches and threads2 > threads
 
 
+def test_the_naive_switch_reaches_the_emulated_kernels():
+    """_emu_set_kernel_impl is the emulated library's charmlp.set_kernel_impl: under "naive"
+    the ops launch other kernels (one thread per output, single-thread batch sums)."""
+    logits, target = ce_inputs(32, 27, torch.float32)
+    idx, table, weight, bias, _ = elt_inputs(32, 3, 27, 10, 64, torch.float32)
+
+    def launched(name):
+        EMU._emu_set_kernel_impl(name)
+        assert EMU._emu_kernel_impl() == name
+        before = EMU._emu_counters()
+        EMU.cross_entropy(logits, target, 1, -100, 0.0)
+        EMU.embed_linear_tanh(idx, table, weight, bias)
+        return [a - b for a, b in zip(EMU._emu_counters(), before)]
+
+    try:
+        assert launched("naive") != launched("fast")
+        with pytest.raises(ValueError, match="kernel_impl must be 'fast' or 'naive', got 'slow'"):
+            EMU._emu_set_kernel_impl("slow")
+    finally:
+        EMU._emu_set_kernel_impl("fast")
+    assert EMU._emu_kernel_impl() == "fast"
+
+
 # ----------------------------------------------------------------------------------------
 # embed_linear_tanh
 # ----------------------------------------------------------------------------------------
 
-# (B, T, V, E, H): lecture size, degenerate and odd sizes, more rows than a 64-row tile,
-# large V * E (the deterministic sort-based branch), enough rows for split reductions.
-ELT_SHAPES = [
-    (32, 3, 27, 10, 200),
-    (1, 1, 2, 1, 1),
-    (7, 5, 13, 3, 65),
-    (65, 2, 5, 1, 17),
-    (130, 4, 1000, 7, 33),
-    (700, 3, 27, 10, 70),
-]
-
-
-def _elt_inputs(B, T, V, E, H, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, V, (B, T), generator=g)
-    table = torch.randn(V, E, generator=g).to(dtype)
-    weight = (torch.randn(H, T * E, generator=g) / max(T * E, 1) ** 0.5).to(dtype)
-    bias = torch.randn(H, generator=g).to(dtype)
-    grad_out = torch.randn(B, H, generator=g).to(dtype)
-    return idx, table, weight, bias, grad_out
-
-
 @pytest.mark.parametrize("shape", ELT_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("algorithm", ["direct", "folded"])
-def test_embed_linear_tanh(shape, dtype, algorithm, mode):
-    idx, table, weight, bias, grad_out = _elt_inputs(*shape, dtype)
+@pytest.mark.parametrize("algorithm, emu_kernel_impl", ELT_PATHS, indirect=["emu_kernel_impl"])
+def test_embed_linear_tanh(shape, dtype, algorithm, mode, emu_kernel_impl):
+    idx, table, weight, bias, grad_out = elt_inputs(*shape, dtype)
     _configure(algorithm=algorithm)
     out = EMU.embed_linear_tanh(idx, table, weight, bias)
     _close(out, CPU.embed_linear_tanh(idx, table, weight, bias), dtype, "out")
@@ -161,12 +164,12 @@ def test_embed_linear_tanh(shape, dtype, algorithm, mode):
 
 
 @pytest.mark.parametrize("shape", [(32, 3, 27, 10, 200), (700, 3, 27, 10, 70), (130, 4, 1000, 7, 33)], ids=str)
-@pytest.mark.parametrize("algorithm", ["direct", "folded"])
-def test_embed_linear_tanh_deterministic_whatever_the_thread_order(shape, algorithm):
+@pytest.mark.parametrize("algorithm, emu_kernel_impl", ELT_PATHS, indirect=["emu_kernel_impl"])
+def test_embed_linear_tanh_deterministic_whatever_the_thread_order(shape, algorithm, emu_kernel_impl):
     """Under deterministic mode the table gradient (owned-entry reduction, sort-based
     accumulation or the folded scatter) and the split reductions are bitwise equal
     whatever order the emulated threads and blocks run in."""
-    idx, table, weight, bias, grad_out = _elt_inputs(*shape, torch.float32, seed=3)
+    idx, table, weight, bias, grad_out = elt_inputs(*shape, torch.float32, seed=3)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -181,8 +184,9 @@ def test_embed_linear_tanh_deterministic_whatever_the_thread_order(shape, algori
         assert_all_bitwise(other, results[0])
 
 
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_embed_linear_tanh_int32_noncontiguous_and_empty():
-    idx, table, weight, bias, grad_out = _elt_inputs(9, 3, 11, 4, 21, torch.float32)
+    idx, table, weight, bias, grad_out = elt_inputs(9, 3, 11, 4, 21, torch.float32)
     wide = torch.stack([idx, idx], dim=2)[:, :, 0]  # non-contiguous
     for i in (idx.to(torch.int32), wide):
         _close(EMU.embed_linear_tanh(i, table, weight, bias), CPU.embed_linear_tanh(i, table, weight, bias), torch.float32, "out")
@@ -199,25 +203,13 @@ def test_embed_linear_tanh_int32_noncontiguous_and_empty():
 # cross_entropy
 # ----------------------------------------------------------------------------------------
 
-# (B, V): warp-sized rows, wider rows, many blocks, enough rows for the count buffer.
-CE_SHAPES = [(1, 2), (32, 27), (37, 100), (300, 5), (4200, 27)]
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-
-
-def _ce_inputs(B, V, dtype, ignore_index=-100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(B, V, generator=g)).to(dtype)
-    target = torch.randint(0, V, (B,), generator=g)
-    target[torch.rand(B, generator=g) < 0.2] = ignore_index
-    return logits, target
-
-
 @pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_cross_entropy(shape, dtype, reduction, label_smoothing, mode):
-    logits, target = _ce_inputs(*shape, dtype)
+    logits, target = ce_inputs(*shape, dtype)
     r = REDUCTIONS[reduction]
     args = (r, -100, label_smoothing)
     loss, lse = EMU.cross_entropy(logits, target, *args)
@@ -239,8 +231,9 @@ def test_cross_entropy(shape, dtype, reduction, label_smoothing, mode):
 
 
 @pytest.mark.parametrize("ignore_index", [0, 4])
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_cross_entropy_ignore_index_int32_and_all_ignored(ignore_index):
-    logits, target = _ce_inputs(50, 7, torch.float32, ignore_index=ignore_index)
+    logits, target = ce_inputs(50, 7, torch.float32, ignore_index=ignore_index)
     t32 = target.to(torch.int32)
     for r in REDUCTIONS.values():
         a, _ = EMU.cross_entropy(logits, t32, r, ignore_index, 0.0)
@@ -252,10 +245,11 @@ def test_cross_entropy_ignore_index_int32_and_all_ignored(ignore_index):
 
 
 @pytest.mark.parametrize("special", ["large", "nan", "-inf"])
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_cross_entropy_special_logits(special):
     """Logits of order 1e3 (the row max must be subtracted before exp), a NaN (the row's
     lse and loss become NaN, as on CPU and in F.cross_entropy) and -inf entries."""
-    logits, target = _ce_inputs(40, 27, torch.float32)
+    logits, target = ce_inputs(40, 27, torch.float32)
     if special == "large":
         logits = logits * 300
     elif special == "nan":
@@ -278,8 +272,9 @@ def test_cross_entropy_special_logits(special):
     )
 
 
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_cross_entropy_noncontiguous_logits():
-    logits, target = _ce_inputs(30, 27, torch.float32)
+    logits, target = ce_inputs(30, 27, torch.float32)
     logits_t = logits.t().contiguous().t()  # same values, column-major
     for a, e in zip(EMU.cross_entropy_and_grads(logits_t, target, 1, -100, 0.0), CPU.cross_entropy_and_grads(logits, target, 1, -100, 0.0)):
         _close(a, e, torch.float32, "cross_entropy_and_grads")
@@ -289,29 +284,12 @@ def test_cross_entropy_noncontiguous_logits():
 # linear_cross_entropy
 # ----------------------------------------------------------------------------------------
 
-# (B, H, V): the fused small-vocabulary kernels (V <= 32) with one and several blocks,
-# V not a multiple of anything, and the generic path (V > 32, or a V <= 32 whose
-# weight does not fit in shared memory).
-LCE_SHAPES = [(1, 1, 2), (32, 200, 27), (45, 17, 32), (700, 70, 27), (33, 9, 40), (20, 3000, 20)]
-
-
-def _lce_inputs(B, H, V, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, H, generator=g).to(dtype)
-    w = (torch.randn(V, H, generator=g) / H**0.5).to(dtype)
-    b = torch.randn(V, generator=g).to(dtype)
-    target = torch.randint(0, V, (B,), generator=g)
-    target[torch.rand(B, generator=g) < 0.2] = -100
-    return x, w, b, target
-
-
 @pytest.mark.parametrize("shape", LCE_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_linear_cross_entropy(shape, dtype, reduction, with_bias, mode):
-    x, w, b, target = _lce_inputs(*shape, dtype)
-    b = b if with_bias else None
+    x, w, b, target = lce_inputs(*shape, dtype, bias=with_bias)
     args = (REDUCTIONS[reduction], -100, 0.05)
     loss, lse = EMU.linear_cross_entropy(x, w, b, target, *args)
     loss_ref, lse_ref = CPU.linear_cross_entropy(x, w, b, target, *args)
@@ -339,10 +317,11 @@ def test_linear_cross_entropy(shape, dtype, reduction, with_bias, mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_class_weighted_losses(shape, dtype, reduction, label_smoothing):
     """weight= / class_weight= (csrc/class_weight.h around the row kernels) on both losses'
     three ops, against the CPU ops (which test_loss_options.py checks against PyTorch)."""
-    x, w, b, target = _lce_inputs(*shape, dtype)
+    x, w, b, target = lce_inputs(*shape, dtype)
     cw = 0.1 + torch.rand(shape[2], generator=torch.Generator().manual_seed(5))
     r = REDUCTIONS[reduction]
     lce_args = (r, -100, label_smoothing, cw)
@@ -372,7 +351,7 @@ def test_linear_cross_entropy_word_level_vocabulary_runs_in_row_blocks(reduction
     """At V = 70,000 the generic path takes blocks of 112 rows (csrc/cuda/linear_cross_entropy_cuda.cpp:
     ~8 M logits each), so 200 rows are two blocks: the block seams, the per-row scales of a
     global mean and the accumulated weight gradients against the CPU op."""
-    x, w, b, target = _lce_inputs(200, 4, 70_000, torch.float32)
+    x, w, b, target = lce_inputs(200, 4, 70_000, torch.float32)
     r = REDUCTIONS[reduction]
     args = (r, -100, 0.1)
     loss, lse = EMU.linear_cross_entropy(x, w, b, target, *args)
@@ -391,8 +370,9 @@ def test_linear_cross_entropy_word_level_vocabulary_runs_in_row_blocks(reduction
             _close(a, e, torch.float32, f"and_grads output {i}")
 
 
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_class_weighted_losses_report_bad_targets():
-    x, w, b, target = _lce_inputs(10, 4, 6, torch.float32)
+    x, w, b, target = lce_inputs(10, 4, 6, torch.float32)
     target[3] = 6
     cw = torch.ones(6)
     with pytest.raises(IndexError, match="target"):
@@ -402,7 +382,7 @@ def test_class_weighted_losses_report_bad_targets():
 
 
 def test_linear_cross_entropy_deterministic_whatever_the_thread_order():
-    x, w, b, target = _lce_inputs(700, 70, 27, torch.float32, seed=2)
+    x, w, b, target = lce_inputs(700, 70, 27, torch.float32, seed=2)
     results = []
     for schedule in SCHEDULES:
         _configure(schedule=schedule)
@@ -413,7 +393,7 @@ def test_linear_cross_entropy_deterministic_whatever_the_thread_order():
 
 @pytest.mark.parametrize("V", [27, 40], ids=["fused", "generic"])
 def test_linear_cross_entropy_noncontiguous_and_special_inputs(V):
-    x, w, b, target = _lce_inputs(50, 16, V, torch.float32)
+    x, w, b, target = lce_inputs(50, 16, V, torch.float32)
     x_t, w_t = x.t().contiguous().t(), w.t().contiguous().t()
     want = CPU.linear_cross_entropy_and_grads(x, w, b, target, 1, -100, 0.0)
     for a, e in zip(EMU.linear_cross_entropy_and_grads(x_t, w_t, b, target, 1, -100, 0.0), want):
@@ -430,24 +410,6 @@ def test_linear_cross_entropy_noncontiguous_and_special_inputs(V):
 # ----------------------------------------------------------------------------------------
 # The whole model: mlp_cross_entropy(_and_grads), mlp_sgd_step(s)
 # ----------------------------------------------------------------------------------------
-
-# (B, T, V, E, H): the fused single-kernel step (small B) and the general path.
-STEP_SHAPES = [(32, 3, 27, 10, 200), (5, 2, 7, 3, 9), (300, 3, 27, 10, 64), (1, 1, 2, 1, 1)]
-
-
-def _model(B, T, V, E, H, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, V, (B, T), generator=g)
-    target = torch.randint(0, V, (B,), generator=g)
-    params = [
-        torch.randn(V, E, generator=g),
-        torch.randn(H, T * E, generator=g) / max(T * E, 1) ** 0.5,
-        0.1 * torch.randn(H, generator=g),
-        0.1 * torch.randn(V, H, generator=g),
-        torch.zeros(V),
-    ]
-    return idx, target, [p.to(dtype) for p in params]
-
 
 def _cpu_loss_and_grads(idx, target, params):
     """The CPU whole-model op (float32/float64), or for bf16/f16, which it does not take,
@@ -471,10 +433,10 @@ def _cpu_sgd_step(idx, target, params, lr):
     return loss
 
 
-@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_mlp_cross_entropy_and_grads(shape, dtype, mode):
-    idx, target, params = _model(*shape, dtype)
+    idx, target, params = mlp_case(*shape, dtype)
     want = _cpu_loss_and_grads(idx, target, params)
     _close(EMU.mlp_cross_entropy(idx, target, *params), want[0], dtype, "loss")
     got = EMU.mlp_cross_entropy_and_grads(idx, target, *params)
@@ -482,12 +444,12 @@ def test_mlp_cross_entropy_and_grads(shape, dtype, mode):
         _close(a, e, dtype, name)
 
 
-@pytest.mark.parametrize("shape", STEP_SHAPES + [(0, 3, 27, 10, 16)], ids=str)
+@pytest.mark.parametrize("shape", MLP_SHAPES + [(0, 3, 27, 10, 16)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_mlp_logits_cross_entropy_and_grads(shape, dtype, mode):
     """The model's forward with targets: logits against the CPU layer ops' h @ W2^T + b2,
     loss and gradients against the whole-model op."""
-    idx, target, params = _model(*shape, dtype)
+    idx, target, params = mlp_case(*shape, dtype)
     want = _cpu_loss_and_grads(idx, target, params)
     h = CPU.embed_linear_tanh(idx, params[0], params[1], params[2])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -501,10 +463,10 @@ def test_mlp_logits_cross_entropy_and_grads(shape, dtype, mode):
         _close(a, e, dtype, name)
 
 
-@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_mlp_sgd_step(shape, dtype, mode):
-    idx, target, params = _model(*shape, dtype)
+    idx, target, params = mlp_case(*shape, dtype)
     mine = [p.clone() for p in params]
     ref = [p.clone() for p in params]
     for _ in range(3):
@@ -521,7 +483,7 @@ def test_mlp_sgd_steps_equal_single_steps(B):
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, V, (K, B, T), generator=g)
     target = torch.randint(0, V, (K, B), generator=g)
-    _, _, params = _model(B, T, V, E, H, torch.float32)
+    params = mlp_params(V, T, E, H, torch.float32)
     lrs = [0.1, 0.05, 0.2, 0.01]
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -542,7 +504,7 @@ def test_mlp_sgd_steps_equal_single_steps(B):
 
 @pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
 def test_mlp_sgd_step_deterministic_whatever_the_thread_order(B):
-    idx, target, params = _model(B, 3, 27, 10, 64, torch.float32, seed=4)
+    idx, target, params = mlp_case(B, 3, 27, 10, 64, torch.float32, seed=4)
     results = []
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -562,7 +524,7 @@ def test_mlp_sgd_step_deterministic_whatever_the_thread_order(B):
 def test_noncontiguous_params_are_updated_in_place(B):
     """A parameter passed as a non-contiguous view (weight1 as a transpose) is updated
     through that view, by mlp_sgd_step and mlp_sgd_steps alike."""
-    idx, target, params = _model(B, 3, 27, 10, 64, torch.float32)
+    idx, target, params = mlp_case(B, 3, 27, 10, 64, torch.float32)
 
     def views():
         p = [t.clone() for t in params]
@@ -584,7 +546,7 @@ def test_noncontiguous_params_are_updated_in_place(B):
 def test_full_batch_loss_and_grads():
     """The lecture's full batch (228,146 rows), the H200 target's workload: the automatic
     choice takes the folded first layer, and the fused output layer runs on every SM."""
-    idx, target, params = _model(228146, 3, 27, 10, 200, torch.float32, seed=6)
+    idx, target, params = mlp_case(228146, 3, 27, 10, 200, torch.float32, seed=6)
     got = EMU.mlp_cross_entropy_and_grads(idx, target, *params)
     want = CPU.mlp_cross_entropy_and_grads(idx, target, *params)
     for name, a, e in zip(["loss", "table", "weight1", "bias1", "weight2", "bias2"], got, want):
@@ -592,7 +554,7 @@ def test_full_batch_loss_and_grads():
 
 
 def test_mlp_sgd_steps_empty():
-    _, _, params = _model(4, 3, 27, 10, 16, torch.float32)
+    params = mlp_params(27, 3, 10, 16, torch.float32)
     p = [t.clone() for t in params]
     out = EMU.mlp_sgd_steps(torch.zeros(0, 4, 3, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long), *p, [])
     assert out.shape == (0,)
@@ -615,8 +577,9 @@ def _same_error(fn_emu, fn_cpu):
 
 
 @pytest.mark.parametrize("bad", [27, -1, 1 << 40])
+@pytest.mark.usefixtures("emu_kernel_impl")
 def test_bad_indices_raise_the_cpu_message(bad):
-    idx, target, params = _model(32, 3, 27, 10, 16, torch.float32)
+    idx, target, params = mlp_case(32, 3, 27, 10, 16, torch.float32)
     bad_idx = idx.clone()
     bad_idx[5, 2] = bad
     bad_target = target.clone()
@@ -647,7 +610,7 @@ def test_bad_indices_raise_the_cpu_message(bad):
 
 @pytest.mark.parametrize("B", [32, 300], ids=["fused", "general"])
 def test_bad_index_in_a_step_changes_no_parameter(B):
-    idx, target, params = _model(B, 3, 27, 10, 16, torch.float32)
+    idx, target, params = mlp_case(B, 3, 27, 10, 16, torch.float32)
     K = 3
     idx_k = torch.stack([idx] * K)
     target_k = torch.stack([target] * K)
@@ -667,7 +630,7 @@ def test_bad_index_under_graph_capture_is_reported_after_it(B):
     """While a stream is captured no host check can run: the step must still leave the
     parameters alone (its update kernel reads the device-side record) and the first op
     after the capture must raise."""
-    idx, target, params = _model(B, 3, 27, 10, 16, torch.float32)
+    idx, target, params = mlp_case(B, 3, 27, 10, 16, torch.float32)
     bad = idx.clone()
     bad[0, 0] = 27
     p = [t.clone() for t in params]

@@ -1,4 +1,4 @@
-"""The CUDA kernels of every charmlp op, against plain PyTorch.
+"""The CUDA kernels of every charmlp op, against plain PyTorch (charmlp.reference).
 
 Skipped as a whole when there is no GPU or the extension was built without CUDA
 (scripts/check_cuda_build.sh compile-checks the kernels on machines without a GPU;
@@ -13,6 +13,9 @@ mlp_sgd_step, K steps of mlp_sgd_steps and an autograd step), deterministic mode
 (the generic cuBLAS linear_cross_entropy path included), and bad indices raising
 IndexError without touching memory or parameters (CHARMLP_CUDA_INDEX_CHECK=sync
 and async).
+
+The cases, their inputs and the tolerances are tests/_cuda_cases.py's, shared with
+tests/test_cuda_emulated.py (the same kernel sources run on the CPU).
 
 Run time on an H200: about a minute (the torch.compile test is most of it).
 """
@@ -30,7 +33,11 @@ import torch
 import torch.nn.functional as F
 
 import charmlp
-from charmlp import _C, ops
+from _cuda_cases import (CE_SHAPES, CE_SHAPES_GPU_ONLY, DTYPE_IDS, DTYPES, ELT_SHAPES, ELT_SHAPES_GPU_ONLY,
+                         LCE_SHAPES, LCE_SHAPES_GPU_ONLY, MLP_SHAPES, MLP_SHAPES_GPU_ONLY, REDUCTIONS, ce_inputs,
+                         elt_inputs, lce_inputs, mlp_batch, mlp_params)
+from _cuda_cases import assert_close_to_reference as _close
+from charmlp import _C, ops, reference
 
 OPS = ops.op_names()  # every op must have a CUDA kernel
 
@@ -47,8 +54,6 @@ pytestmark = [
 ]
 
 DEV = "cuda"
-DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["f32", "f64", "bf16", "f16"]
 
 
 @pytest.fixture(autouse=True)
@@ -62,24 +67,6 @@ def _no_stale_index_error():
         pass
 
 
-def _close(actual, expected, dtype, what=""):
-    """Compares with a tolerance scaled by the reference's magnitude (sums over many
-    rows differ in summation order; bf16 outputs are rounded to 8 bits).
-
-    bf16 (f16) gradients get 5e-2 (1e-2): the kernels see the rounded saved activations
-    (tanh' = 1 - out^2 from a rounded out), the float64 reference does not."""
-    expected = expected.to(torch.float64)
-    actual = actual.to(torch.float64)
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    rtol, atol = {
-        torch.float32: (1e-4, 1e-5),
-        torch.float64: (1e-9, 1e-11),
-        torch.bfloat16: (5e-2, 5e-2) if what.startswith("grad") else (2e-2, 2e-2),
-        torch.float16: (1e-2, 1e-2) if what.startswith("grad") else (5e-3, 5e-3),
-    }[dtype]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
 def _leaf(t, dtype):
     return t.to(device=DEV, dtype=dtype).detach().requires_grad_()
 
@@ -88,39 +75,12 @@ def _leaf(t, dtype):
 # embed_linear_tanh
 # ----------------------------------------------------------------------------------------
 
-# (B, T, V, E, H): lecture size, tiny and odd sizes, more rows than a tile, large V
-# (the deterministic path's sort-based branch), a large batch (split reduction).
-ELT_SHAPES = [
-    (32, 3, 27, 10, 200),
-    (1, 1, 2, 1, 1),
-    (7, 5, 13, 3, 65),
-    (65, 2, 5, 1, 17),
-    (300, 4, 1000, 7, 33),
-    (4099, 3, 27, 10, 200),
-]
-
-
-def _elt_inputs(B, T, V, E, H, seed=0, idx_dtype=torch.int64):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, V, (B, T), generator=g).to(idx_dtype)
-    table = torch.randn(V, E, generator=g, dtype=torch.float64)
-    weight = torch.randn(H, T * E, generator=g, dtype=torch.float64) / (T * E) ** 0.5
-    bias = torch.randn(H, generator=g, dtype=torch.float64)
-    grad_out = torch.randn(B, H, generator=g, dtype=torch.float64)
-    return idx, table, weight, bias, grad_out
-
-
-def _elt_reference(idx, table, weight, bias):
-    B, T = idx.shape
-    return torch.tanh(F.linear(table[idx.long()].reshape(B, -1), weight, bias))
-
-
-@pytest.mark.parametrize("shape", ELT_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", ELT_SHAPES + ELT_SHAPES_GPU_ONLY, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_embed_linear_tanh_matches_reference(shape, dtype, with_bias, embed_algorithm):
     """Both CUDA algorithms (direct tiled GEMMs, folded gather/scatter) and the auto choice."""
-    idx, table, weight, bias, grad_out = _elt_inputs(*shape)
+    idx, table, weight, bias, grad_out = elt_inputs(*shape)
     idx = idx.to(DEV)
     params = [_leaf(table, dtype), _leaf(weight, dtype)] + ([_leaf(bias, dtype)] if with_bias else [])
     out = ops.embed_linear_tanh(idx, *params, *([] if with_bias else [None]))
@@ -129,7 +89,7 @@ def test_embed_linear_tanh_matches_reference(shape, dtype, with_bias, embed_algo
 
     # Reference in float64 from the very same (rounded) parameter values.
     ref_params = [_leaf(p.detach(), torch.float64) for p in params]
-    ref = _elt_reference(idx, *ref_params, *([] if with_bias else [None]))
+    ref = reference.embed_linear_tanh(idx, *ref_params, *([] if with_bias else [None]))
     ref_grads = torch.autograd.grad(ref, ref_params, grad_out.to(DEV, dtype).double())
     _close(out, ref, dtype, "out")
     for name, gr, rg in zip(["table", "weight", "bias"], grads, ref_grads):
@@ -139,22 +99,22 @@ def test_embed_linear_tanh_matches_reference(shape, dtype, with_bias, embed_algo
 
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
 def test_embed_linear_tanh_int32_and_noncontiguous(idx_dtype):
-    idx, table, weight, bias, grad_out = _elt_inputs(50, 3, 27, 10, 64, idx_dtype=idx_dtype)
+    idx, table, weight, bias, grad_out = elt_inputs(50, 3, 27, 10, 64, idx_dtype=idx_dtype)
     # Non-contiguous operands: a transposed weight view and a strided idx.
     idx_nc = torch.cat([idx, idx], dim=1).to(DEV)[:, ::2]
     w_nc = weight.t().contiguous().to(DEV).t()
     out = ops.embed_linear_tanh(idx_nc, table.to(DEV), w_nc, bias.to(DEV))
-    ref = _elt_reference(idx_nc, table.to(DEV), w_nc, bias.to(DEV))
+    ref = reference.embed_linear_tanh(idx_nc, table.to(DEV), w_nc, bias.to(DEV))
     _close(out, ref, torch.float64, "out")
 
 
 def test_embed_linear_tanh_backward_op_direct():
-    idx, table, weight, bias, grad_out = _elt_inputs(33, 3, 27, 10, 40)
+    idx, table, weight, bias, grad_out = elt_inputs(33, 3, 27, 10, 40)
     idx, table, weight, bias, grad_out = (t.to(DEV) for t in (idx, table, weight, bias, grad_out))
     out = ops.embed_linear_tanh(idx, table, weight, bias)
     g_table, g_weight, g_bias = torch.ops.charmlp.embed_linear_tanh_backward(grad_out, out, idx, table, weight)
     ref_params = [_leaf(p, torch.float64) for p in (table, weight, bias)]
-    ref = _elt_reference(idx, *ref_params)
+    ref = reference.embed_linear_tanh(idx, *ref_params)
     ref_grads = torch.autograd.grad(ref, ref_params, grad_out)
     for gr, rg in zip((g_table, g_weight, g_bias), ref_grads):
         _close(gr, rg, torch.float64)
@@ -163,18 +123,6 @@ def test_embed_linear_tanh_backward_op_direct():
 # ----------------------------------------------------------------------------------------
 # cross_entropy
 # ----------------------------------------------------------------------------------------
-
-CE_SHAPES = [(1, 2), (7, 3), (32, 27), (33, 32), (5, 33), (4099, 27), (64, 1000), (3, 5)]
-
-
-def _ce_inputs(B, V, ignore_frac=0.2, ignore_index=-100, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    logits = scale * torch.randn(B, V, generator=g, dtype=torch.float64)
-    target = torch.randint(0, V, (B,), generator=g)
-    if ignore_frac:
-        target[torch.rand(B, generator=g) < ignore_frac] = ignore_index
-    return logits, target
-
 
 def _ce_check(fn_ours, fn_ref, leaves, target, dtype, reduction, **kw):
     loss = fn_ours(*leaves, target, reduction=reduction, **kw)
@@ -189,30 +137,30 @@ def _ce_check(fn_ours, fn_ref, leaves, target, dtype, reduction, **kw):
         _close(gr, rg, dtype, f"grad {i}")
 
 
-@pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", CE_SHAPES + CE_SHAPES_GPU_ONLY, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_cross_entropy_matches_reference(shape, dtype, reduction, label_smoothing):
-    logits, target = _ce_inputs(*shape)
-    _ce_check(ops.cross_entropy, F.cross_entropy, [_leaf(logits, dtype)], target.to(DEV), dtype, reduction,
+    logits, target = ce_inputs(*shape)
+    _ce_check(ops.cross_entropy, reference.cross_entropy, [_leaf(logits, dtype)], target.to(DEV), dtype, reduction,
               label_smoothing=label_smoothing)
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 0, 4])
 @pytest.mark.parametrize("target_dtype", [torch.int32, torch.int64])
 def test_cross_entropy_ignore_index_and_int32(ignore_index, target_dtype):
-    logits, target = _ce_inputs(50, 5, ignore_frac=0.3, ignore_index=ignore_index)
-    for reduction in ["mean", "sum", "none"]:
+    logits, target = ce_inputs(50, 5, ignore_frac=0.3, ignore_index=ignore_index)
+    for reduction in REDUCTIONS:
         loss = ops.cross_entropy(logits.to(DEV), target.to(DEV, target_dtype), reduction=reduction,
                                  ignore_index=ignore_index, label_smoothing=0.05)
-        ref = F.cross_entropy(logits.to(DEV), target.to(DEV), reduction=reduction, ignore_index=ignore_index,
-                              label_smoothing=0.05)
+        ref = reference.cross_entropy(logits.to(DEV), target.to(DEV), reduction=reduction, ignore_index=ignore_index,
+                                      label_smoothing=0.05)
         _close(loss, ref, torch.float64, reduction)
 
 
 def test_cross_entropy_lse_and_all_ignored():
-    logits, target = _ce_inputs(40, 27, ignore_frac=0.0)
+    logits, target = ce_inputs(40, 27, ignore_frac=0.0)
     logits = logits.to(DEV)
     _loss, lse = torch.ops.charmlp.cross_entropy(logits, target.to(DEV), 1, -100, 0.0)
     _close(lse, torch.logsumexp(logits, dim=1), torch.float64, "lse")
@@ -232,29 +180,16 @@ def test_cross_entropy_lse_and_all_ignored():
 # linear_cross_entropy (fused V <= 32 path and generic cuBLAS path)
 # ----------------------------------------------------------------------------------------
 
-# (B, H, V): lecture, tiny, odd, many blocks, V > 32 (generic), H too big for shared memory (generic).
-LCE_SHAPES = [(32, 200, 27), (1, 1, 2), (7, 13, 5), (4099, 64, 27), (100, 50, 100), (3, 3000, 27)]
-
-
-@pytest.mark.parametrize("shape", LCE_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", LCE_SHAPES + LCE_SHAPES_GPU_ONLY, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", list(REDUCTIONS))
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_cross_entropy_matches_reference(shape, dtype, reduction, with_bias):
-    B, H, V = shape
-    g = torch.Generator().manual_seed(1)
-    x = torch.tanh(torch.randn(B, H, generator=g, dtype=torch.float64))
-    w = torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5
-    b = torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
-    target = torch.randint(0, V, (B,), generator=g)
-    target[torch.rand(B, generator=g) < 0.2] = -100
+    x, w, b, target = lce_inputs(*shape, seed=1, bias=with_bias)
+    x = torch.tanh(x)  # the model's hidden states
     leaves = [_leaf(x, dtype), _leaf(w, dtype), None if b is None else _leaf(b, dtype)]
-
-    def ref_fn(x, w, b, t, **kw):
-        return F.cross_entropy(F.linear(x, w, b), t, **kw)
-
     for smoothing in (0.0, 0.1):
-        _ce_check(ops.linear_cross_entropy, ref_fn, leaves, target.to(DEV), dtype, reduction,
+        _ce_check(ops.linear_cross_entropy, reference.linear_cross_entropy, leaves, target.to(DEV), dtype, reduction,
                   label_smoothing=smoothing)
 
 
@@ -266,7 +201,7 @@ def test_linear_cross_entropy_backward_always_returns_grad_bias():
     gi, gw, gb = torch.ops.charmlp.linear_cross_entropy_backward(torch.ones((), device=DEV), x, w, None, t, lse,
                                                                  1, -100, 0.0)
     logits = (x @ w.T).requires_grad_()
-    (gl,) = torch.autograd.grad(F.cross_entropy(logits, t), logits)
+    (gl,) = torch.autograd.grad(reference.cross_entropy(logits, t), logits)
     _close(gb, gl.sum(0), torch.float32, "grad_bias")
 
 
@@ -276,42 +211,20 @@ def test_linear_cross_entropy_backward_always_returns_grad_bias():
 
 
 def _reference_step(idx, target, params, lr):
-    ps = [p.detach().double().requires_grad_() for p in params]
-    table, w1, b1, w2, b2 = ps
-    B = idx.shape[0]
-    h = torch.tanh(F.linear(table[idx.long()].reshape(B, -1), w1, b1))
-    loss = F.cross_entropy(F.linear(h, w2, b2), target.long())
-    grads = torch.autograd.grad(loss, ps)
-    return loss.detach(), [(p - lr * g).detach() for p, g in zip(ps, grads)]
+    """In float64 from the very same (rounded) parameter values."""
+    return reference.mlp_sgd_step(idx, target, params, lr, dtype=torch.float64)
 
 
 def _step_params(V, T, E, H, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(V, E), (H, T * E), (H,), (V, H), (V,)]
-    return [(torch.randn(s, generator=g, dtype=torch.float64) * 0.5).to(DEV, dtype) for s in shapes]
+    return mlp_params(V, T, E, H, dtype, seed, device=DEV)
 
 
-# (B, T, V, E, H): lecture (fused), B = 1, odd sizes, fused at B = 100 for float32 (at
-# H = 200 shared memory admits B <= 114 in float32, 57 in float64), the fused path's
-# batch limit itself at H = 64 (128 rows, 117 KB of shared memory in float32: 4 rows per
-# warp, and the opt-in above 48 KB) and one row past it, the general path (B = 1000;
-# V > 32).
-STEP_SHAPES = [(32, 3, 27, 10, 200), (1, 3, 27, 10, 200), (17, 5, 7, 3, 33), (100, 3, 27, 10, 200),
-               (128, 3, 27, 10, 64), (129, 3, 27, 10, 64), (128, 3, 27, 10, 200),
-               (1000, 3, 27, 10, 200), (40, 3, 40, 4, 50)]
-
-
-@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", MLP_SHAPES + MLP_SHAPES_GPU_ONLY, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
 def test_mlp_sgd_step_matches_reference(shape, dtype, idx_dtype, embed_algorithm):
     B, T, V, E, H = shape
-    g = torch.Generator().manual_seed(3)
-    idx = torch.randint(0, V, (B, T), generator=g).to(DEV, idx_dtype)
-    target = torch.randint(0, V, (B,), generator=g)
-    if B > 1:
-        target[::7] = -100
-    target = target.to(DEV, idx_dtype)
+    idx, target = (t.to(DEV, idx_dtype) for t in mlp_batch(B, T, V, seed=3))
     params = _step_params(V, T, E, H, dtype)
     lr = 0.1
     ref_loss, ref_params = _reference_step(idx, target, params, lr)
@@ -328,11 +241,7 @@ def test_mlp_sgd_step_low_precision(B, dtype):
     """bfloat16/float16 parameters (float32 accumulation); the loss has the parameters'
     dtype like the fake kernel says."""
     V, T, E, H = 27, 3, 10, 200
-    g = torch.Generator().manual_seed(4)
-    idx = torch.randint(0, V, (B, T), generator=g).to(DEV)
-    target = torch.randint(0, V, (B,), generator=g)
-    target[::7] = -100
-    target = target.to(DEV)
+    idx, target = (t.to(DEV) for t in mlp_batch(B, T, V, seed=4))
     params = _step_params(V, T, E, H, dtype)
     ref_loss, ref_params = _reference_step(idx, target, params, 0.1)
     loss = ops.mlp_sgd_step(idx, target, *params, 0.1)
@@ -477,10 +386,10 @@ def test_mlp_sgd_steps_empty_and_noncontiguous():
     assert not idx_nc.is_contiguous() and not target_nc.is_contiguous()
     for i, t in ((idx.int(), target.int()), (idx_nc, target_nc)):
         other = [p.clone() for p in params]
-        reference = [p.clone() for p in params]
+        want = [p.clone() for p in params]
         assert torch.equal(ops.mlp_sgd_steps(i, t, *other, 0.1).nan_to_num(),
-                           ops.mlp_sgd_steps(idx, target, *reference, 0.1).nan_to_num())
-        for a, b in zip(other, reference):
+                           ops.mlp_sgd_steps(idx, target, *want, 0.1).nan_to_num())
+        for a, b in zip(other, want):
             assert torch.equal(a, b)
 
 
@@ -525,25 +434,16 @@ def test_cuda_graph_k_steps():
 
 
 def _reference_loss_and_grads(idx, target, params):
-    ps = [p.detach().double().requires_grad_() for p in params]
-    table, w1, b1, w2, b2 = ps
-    B = idx.shape[0]
-    h = torch.tanh(F.linear(table[idx.long()].reshape(B, -1), w1, b1))
-    loss = F.cross_entropy(F.linear(h, w2, b2), target.long())
-    return loss.detach(), list(torch.autograd.grad(loss, ps))
+    """In float64 from the very same (rounded) parameter values."""
+    return reference.mlp_loss_and_grads(idx, target, params, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("shape", STEP_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", MLP_SHAPES + MLP_SHAPES_GPU_ONLY, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32], ids=["i64", "i32"])
 def test_mlp_cross_entropy_matches_reference(shape, dtype, idx_dtype):
     B, T, V, E, H = shape
-    g = torch.Generator().manual_seed(5)
-    idx = torch.randint(0, V, (B, T), generator=g).to(DEV, idx_dtype)
-    target = torch.randint(0, V, (B,), generator=g)
-    if B > 1:
-        target[::7] = -100
-    target = target.to(DEV, idx_dtype)
+    idx, target = (t.to(DEV, idx_dtype) for t in mlp_batch(B, T, V, seed=5))
     params = [p.requires_grad_() for p in _step_params(V, T, E, H, dtype)]
     ref_loss, ref_grads = _reference_loss_and_grads(idx, target, params)
     loss = ops.mlp_cross_entropy(idx, target, *params)
@@ -645,14 +545,14 @@ def test_empty_batches(embed_algorithm):
     target = torch.zeros(0, dtype=torch.long, device=DEV)
     for red in ("mean", "sum", "none"):
         logits = torch.randn(0, V, device=DEV)
-        _close(ops.cross_entropy(logits, target, reduction=red), F.cross_entropy(logits, target, reduction=red),
-               torch.float32, f"cross_entropy {red}")
+        _close(ops.cross_entropy(logits, target, reduction=red),
+               reference.cross_entropy(logits, target, reduction=red), torch.float32, f"cross_entropy {red}")
         for Vo in (V, 40):  # fused and generic linear_cross_entropy
             x = torch.randn(0, H, device=DEV, requires_grad=True)
             w2 = torch.randn(Vo, H, device=DEV, requires_grad=True)
             b2 = torch.randn(Vo, device=DEV, requires_grad=True)
             loss = ops.linear_cross_entropy(x, w2, b2, target, reduction=red)
-            ref = F.cross_entropy(F.linear(x, w2, b2), target, reduction=red)
+            ref = reference.linear_cross_entropy(x, w2, b2, target, reduction=red)
             assert loss.shape == ref.shape
             _close(loss, ref, torch.float32, f"linear_cross_entropy V={Vo} {red}")
             if red != "mean":  # (mean: nan, like torch)
@@ -678,7 +578,7 @@ def test_linear_cross_entropy_noncontiguous_inputs(V):
     w = torch.randn(16, V, generator=g, dtype=torch.float64).to(DEV).t()  # [V, 16] transposed
     b = torch.randn(2 * V, generator=g, dtype=torch.float64).to(DEV)[::2]  # strided
     t = torch.randint(0, V, (40,), generator=g).to(DEV, torch.int32)[::2]
-    ref = F.cross_entropy(F.linear(x, w, b), t.long(), label_smoothing=0.1)
+    ref = reference.linear_cross_entropy(x, w, b, t, label_smoothing=0.1)
     _close(ops.linear_cross_entropy(x, w, b, t, label_smoothing=0.1), ref, torch.float64, "linear_cross_entropy")
     logits = F.linear(x, w, b).t().contiguous().t()            # column-major [20, V]
     _close(ops.cross_entropy(logits, t, label_smoothing=0.1), ref, torch.float64, "cross_entropy")
@@ -716,10 +616,7 @@ def test_large_logits_are_stable(scale):
 
     logits = scale * torch.randn(64, 27, generator=g, dtype=torch.float64)
     target = torch.randint(0, 27, (64,), generator=g).to(DEV)
-    check(ops.cross_entropy, F.cross_entropy, [_leaf(logits, torch.float32)], target, label_smoothing=0.1)
-
-    def ref_fn(x, w, b, t, **kw):
-        return F.cross_entropy(F.linear(x, w, b), t, **kw)
+    check(ops.cross_entropy, reference.cross_entropy, [_leaf(logits, torch.float32)], target, label_smoothing=0.1)
 
     for V in (27, 40):  # fused and generic paths
         # Coarse grids: the float32 logits are exact, whatever the summation order.
@@ -727,8 +624,8 @@ def test_large_logits_are_stable(scale):
         w = torch.randint(-4, 5, (V, 16), generator=g).double() / 4
         b = torch.randint(-3, 4, (V,), generator=g).double()
         t = torch.randint(0, V, (64,), generator=g).to(DEV)
-        check(ops.linear_cross_entropy, ref_fn, [_leaf(x, torch.float32), _leaf(w, torch.float32),
-                                                 _leaf(b, torch.float32)], t, reduction="sum")
+        check(ops.linear_cross_entropy, reference.linear_cross_entropy,
+              [_leaf(x, torch.float32), _leaf(w, torch.float32), _leaf(b, torch.float32)], t, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------
@@ -995,7 +892,7 @@ def test_deterministic_embed_backward_bitwise(deterministic, shape, algorithm):
 
 
 def _deterministic_embed_backward(shape):
-    idx, table, weight, bias, grad_out = (t.to(DEV) for t in _elt_inputs(*shape))
+    idx, table, weight, bias, grad_out = (t.to(DEV) for t in elt_inputs(*shape))
     table, weight, bias, grad_out = (t.float() for t in (table, weight, bias, grad_out))
     out = ops.embed_linear_tanh(idx, table, weight, bias)
     runs = [torch.ops.charmlp.embed_linear_tanh_backward(grad_out, out, idx, table, weight) for _ in range(3)]

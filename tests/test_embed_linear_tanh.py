@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from charmlp import ops
-from conftest import assert_close, embed_linear_tanh_reference
+from charmlp import ops, reference
+from conftest import assert_close
+
+# Every test runs against the fast kernels and the naive ones (charmlp.set_kernel_impl).
+pytestmark = pytest.mark.usefixtures("kernel_impl")
 
 # (B, T, V, E, H): the lecture size, sizes down to 1, odd sizes, and large batches.
 SHAPES = [
@@ -44,7 +47,7 @@ def test_matches_reference(shape, bias, embed_algorithm):
     idx, table, weight, b = _inputs(*shape, bias=bias)
     grad_out = torch.randn(shape[0], shape[4])
     out, grads = _grads(ops.embed_linear_tanh, idx, table, weight, b, grad_out)
-    ref, ref_grads = _grads(embed_linear_tanh_reference, idx, table, weight, b, grad_out)
+    ref, ref_grads = _grads(reference.embed_linear_tanh, idx, table, weight, b, grad_out)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert_close(out, ref)
     for got, want in zip(grads, ref_grads):
@@ -58,7 +61,7 @@ def test_dtypes(dtype, embed_algorithm):
     out, grads = _grads(ops.embed_linear_tanh, idx, table, weight, b, grad_out)
     # Reference in float64 from the same (rounded) inputs, cast at the end.
     up = [t.detach().double().requires_grad_() for t in (table, weight, b)]
-    ref, ref_grads = _grads(embed_linear_tanh_reference, idx, *up, grad_out.double())
+    ref, ref_grads = _grads(reference.embed_linear_tanh, idx, *up, grad_out.double())
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     assert_close(out, ref.to(dtype), dtype=dtype)
     for got, want in zip(grads, ref_grads):
@@ -79,7 +82,7 @@ def test_repeated_indices_accumulate(embed_algorithm):
     _, table, weight, b = _inputs(50, 4, 9, 5, 12)
     grad_out = torch.randn(50, 12)
     _, grads = _grads(ops.embed_linear_tanh, idx, table, weight, b, grad_out)
-    _, ref_grads = _grads(embed_linear_tanh_reference, idx, table, weight, b, grad_out)
+    _, ref_grads = _grads(reference.embed_linear_tanh, idx, table, weight, b, grad_out)
     assert_close(grads[0], ref_grads[0], rtol=1e-4, atol=1e-4)
     assert grads[0][torch.arange(9) != 3].abs().max() == 0
 
@@ -136,7 +139,7 @@ def test_non_contiguous_and_offset_views(embed_algorithm):
     weight_view = torch.randn(30, 20, generator=g).T  # transposed [20, 30]
     bias_view = torch.randn(40, generator=g)[::2]     # strided [20]
     out = ops.embed_linear_tanh(idx, table_view, weight_view, bias_view)
-    ref = embed_linear_tanh_reference(idx, table_view, weight_view, bias_view)
+    ref = reference.embed_linear_tanh(idx, table_view, weight_view, bias_view)
     assert_close(out, ref)
     assert not idx.is_contiguous() and not table_view.is_contiguous() and not weight_view.is_contiguous()
 

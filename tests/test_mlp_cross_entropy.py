@@ -2,17 +2,16 @@
 
 The op's forward computes the loss and, when a parameter needs a gradient, all five
 gradients (mlp_cross_entropy_and_grads); its backward scales them. Every test compares
-the loss and the gradients with autograd through the lecture's plain PyTorch code.
+the loss and the gradients with autograd through charmlp.reference (plain PyTorch).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import charmlp
-from charmlp import ops
+from charmlp import ops, reference
 from conftest import assert_close
 
 P = torch.ops.charmlp
@@ -42,19 +41,6 @@ def _batch(B, T, V, seed, contexts=None):
     return idx, torch.randint(0, V, (B,), generator=g)
 
 
-def reference_loss(idx, target, table, weight1, bias1, weight2, bias2):
-    """The lecture's forward in plain PyTorch (mean cross-entropy, -100 ignored)."""
-    B = idx.shape[0]
-    h = torch.tanh(table[idx.long()].reshape(B, -1) @ weight1.T + bias1)
-    return F.cross_entropy(h @ weight2.T + bias2, target.long())
-
-
-def reference_loss_and_grads(idx, target, params):
-    params = [p.detach().clone().requires_grad_() for p in params]
-    loss = reference_loss(idx, target, *params)
-    return loss.detach(), list(torch.autograd.grad(loss, params))
-
-
 def charmlp_loss_and_grads(idx, target, params):
     loss = ops.mlp_cross_entropy(idx, target, *params)
     return loss.detach(), list(torch.autograd.grad(loss, params))
@@ -74,7 +60,7 @@ def test_matches_reference(shape, dtype, embed_algorithm):
     B, T, V, E, H = shape
     idx, target = _batch(B, T, V, seed=B)
     params = _params(T, V, E, H, dtype)
-    want = reference_loss_and_grads(idx, target, params)
+    want = reference.mlp_loss_and_grads(idx, target, params)
     _check(*charmlp_loss_and_grads(idx, target, params), *want, dtype)
     with torch.no_grad():  # the loss-only kernel
         assert_close(ops.mlp_cross_entropy(idx, target, *params), want[0])
@@ -87,7 +73,7 @@ def test_repeated_contexts_match_reference(shape, dtype, embed_algorithm, contex
     idx, target = _batch(B, T, V, seed=contexts, contexts=contexts)
     target[::5] = -100
     params = _params(T, V, E, H, dtype)
-    want = reference_loss_and_grads(idx, target, params)
+    want = reference.mlp_loss_and_grads(idx, target, params)
     # The grouped kernel sums each context's rows before the rest of the backward:
     # float32 rounding differs from the row-by-row reference by ~1e-5 relative.
     _check(*charmlp_loss_and_grads(idx, target, params), *want, dtype)
@@ -99,7 +85,7 @@ def test_and_grads_op_returns_loss_and_all_gradients():
     idx, target = _batch(50, 3, 27, seed=3)
     params = _params(3, 27, 10, 40, requires_grad=False)
     loss, *grads = P.mlp_cross_entropy_and_grads.default(idx, target, *params)
-    _check(loss, grads, *reference_loss_and_grads(idx, target, params), torch.float32)
+    _check(loss, grads, *reference.mlp_loss_and_grads(idx, target, params), torch.float32)
 
 
 def test_backward_scales_by_the_incoming_gradient():
@@ -108,7 +94,7 @@ def test_backward_scales_by_the_incoming_gradient():
     loss = ops.mlp_cross_entropy(idx, target, *params)
     (3.0 * loss).backward(retain_graph=True)
     (-0.5 * loss).backward()  # accumulates: 2.5x the gradient in all
-    _, want = reference_loss_and_grads(idx, target, params)
+    _, want = reference.mlp_loss_and_grads(idx, target, params)
     for p, w in zip(params, want):
         assert_close(p.grad, 2.5 * w)
 
@@ -120,7 +106,7 @@ def test_retained_graph_backward_twice_after_in_place_grad_changes():
     params = _params(3, 27, 10, 30)
     loss = ops.mlp_cross_entropy(idx, target, *params)
     loss.backward(retain_graph=True)
-    _, want = reference_loss_and_grads(idx, target, params)
+    _, want = reference.mlp_loss_and_grads(idx, target, params)
     for p, w in zip(params, want):
         assert_close(p.grad, w)
         p.grad.zero_()  # optimizer.zero_grad(set_to_none=False)
@@ -136,7 +122,7 @@ def test_returned_gradients_alias_nothing_autograd_keeps():
     params = _params(3, 27, 10, 30)
     loss = ops.mlp_cross_entropy(idx, target, *params)
     first = torch.autograd.grad(loss, params, retain_graph=True)
-    _, want = reference_loss_and_grads(idx, target, params)
+    _, want = reference.mlp_loss_and_grads(idx, target, params)
     for g, w in zip(first, want):
         assert_close(g, w)
         g.mul_(0)
@@ -157,7 +143,7 @@ def test_only_parameters_that_require_grad_get_one():
     params[0].requires_grad_(False)  # a frozen embedding table
     ops.mlp_cross_entropy(idx, target, *params).backward()
     assert params[0].grad is None
-    _, want = reference_loss_and_grads(idx, target, params)
+    _, want = reference.mlp_loss_and_grads(idx, target, params)
     for p, w in zip(params[1:], want[1:]):
         assert_close(p.grad, w)
 
@@ -176,11 +162,11 @@ def test_ignored_targets_and_all_ignored():
     idx, target = _batch(30, 3, 27, seed=7)
     target[::3] = -100
     params = _params(3, 27, 10, 20)
-    _check(*charmlp_loss_and_grads(idx, target, params), *reference_loss_and_grads(idx, target, params),
+    _check(*charmlp_loss_and_grads(idx, target, params), *reference.mlp_loss_and_grads(idx, target, params),
            torch.float32)
     target[:] = -100
     loss, grads = charmlp_loss_and_grads(idx, target, params)
-    ref_loss, ref_grads = reference_loss_and_grads(idx, target, params)
+    ref_loss, ref_grads = reference.mlp_loss_and_grads(idx, target, params)
     assert torch.isnan(loss) and torch.isnan(ref_loss)  # the mean over no rows
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)  # all zero
@@ -201,7 +187,7 @@ def test_empty_batch_is_a_nan_loss_and_zero_gradients(V):
 def test_int32_indices_and_non_contiguous_parameters():
     idx, target = _batch(64, 3, 27, seed=8)
     params = _params(3, 27, 10, 20)
-    want = reference_loss_and_grads(idx, target, params)
+    want = reference.mlp_loss_and_grads(idx, target, params)
     # weight1 and weight2 as transposed views of other storage.
     w1 = params[1].detach().T.contiguous().T.requires_grad_()
     w2 = params[3].detach().T.contiguous().T.requires_grad_()
@@ -260,7 +246,7 @@ def test_opcheck(requires_grad):
 def test_torch_compile_fullgraph():
     idx, target = _batch(64, 3, 27, seed=14)
     params = _params(3, 27, 10, 20)
-    want = reference_loss_and_grads(idx, target, params)
+    want = reference.mlp_loss_and_grads(idx, target, params)
     compiled = torch.compile(lambda i, t, *p: ops.mlp_cross_entropy(i, t, *p), fullgraph=True)
     loss = compiled(idx, target, *params)
     _check(loss.detach(), list(torch.autograd.grad(loss, params)), *want, torch.float32)

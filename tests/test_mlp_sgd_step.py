@@ -1,12 +1,12 @@
-"""charmlp.ops.mlp_sgd_step: one fused SGD step == autograd + manual SGD in plain PyTorch."""
+"""charmlp.ops.mlp_sgd_step: one fused SGD step == autograd + manual SGD in plain PyTorch
+(charmlp.reference.mlp_sgd_step)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from charmlp import ops
+from charmlp import ops, reference
 from conftest import assert_close
 
 # (B, T, V, E, H)
@@ -20,18 +20,6 @@ def _params(T, V, E, H, dtype=torch.float32, seed=0):
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) * 0.5 for s in shapes]
 
 
-def reference_step(idx, target, params, lr):
-    """The lecture's step in plain PyTorch: forward, mean cross-entropy, backward, p -= lr * grad."""
-    params = [p.detach().clone().requires_grad_() for p in params]
-    C, W1, b1, W2, b2 = params
-    B, T = idx.shape
-    h = torch.tanh(C[idx].view(B, -1) @ W1.T + b1)
-    loss = F.cross_entropy(h @ W2.T + b2, target)
-    loss.backward()
-    with torch.no_grad():
-        return loss.detach(), [p - lr * p.grad for p in params]
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(shape, embed_algorithm):
     B, T, V, E, H = shape
@@ -40,7 +28,7 @@ def test_matches_reference(shape, embed_algorithm):
     target = torch.randint(0, V, (B,), generator=g)
     params = _params(T, V, E, H)
     for step in range(3):
-        ref_loss, ref_params = reference_step(idx, target, params, lr=0.1)
+        ref_loss, ref_params = reference.mlp_sgd_step(idx, target, params, lr=0.1)
         loss = ops.mlp_sgd_step(idx, target, *params, 0.1)
         assert loss.shape == () and loss.dtype == torch.float32
         assert_close(loss, ref_loss)
@@ -53,7 +41,7 @@ def test_float64_is_exact_to_rounding():
     idx = torch.randint(0, 6, (40, 3))
     target = torch.randint(0, 6, (40,))
     params = _params(3, 6, 4, 7, dtype=torch.float64)
-    ref_loss, ref_params = reference_step(idx, target, params, lr=0.5)
+    ref_loss, ref_params = reference.mlp_sgd_step(idx, target, params, lr=0.5)
     loss = ops.mlp_sgd_step(idx, target, *params, 0.5)
     assert_close(loss, ref_loss)
     for got, want in zip(params, ref_params):
@@ -80,7 +68,7 @@ def test_repeated_contexts_match_reference(shape, dtype, embed_algorithm, contex
     runs = []
     for _ in range(2):
         params = _params(T, V, E, H, dtype=dtype)
-        ref_loss, ref_params = reference_step(idx, target, params, lr=0.1)
+        ref_loss, ref_params = reference.mlp_sgd_step(idx, target, params, lr=0.1)
         loss = ops.mlp_sgd_step(idx, target, *params, 0.1)
         tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
         assert_close(loss, ref_loss, **tol)
@@ -96,7 +84,7 @@ def test_ignored_targets_and_all_ignored():
     target = torch.randint(0, 27, (20,))
     target[::3] = -100
     params = _params(3, 27, 10, 30)
-    ref_loss, ref_params = reference_step(idx, target, params, lr=0.1)
+    ref_loss, ref_params = reference.mlp_sgd_step(idx, target, params, lr=0.1)
     loss = ops.mlp_sgd_step(idx, target, *params, 0.1)
     assert_close(loss, ref_loss)
     for got, want in zip(params, ref_params):
@@ -113,7 +101,7 @@ def test_non_contiguous_parameters_are_updated_in_place():
     idx = torch.randint(0, 27, (16, 3))
     target = torch.randint(0, 27, (16,))
     params = _params(3, 27, 10, 20)
-    ref_loss, ref_params = reference_step(idx, target, params, lr=0.1)
+    ref_loss, ref_params = reference.mlp_sgd_step(idx, target, params, lr=0.1)
     # weight1 and weight2 as transposed views of other storage.
     w1_store = params[1].T.contiguous()
     w2_store = params[3].T.contiguous()
@@ -157,7 +145,7 @@ def test_torch_compile_fullgraph():
     idx = torch.randint(0, 27, (64, 3))
     target = torch.randint(0, 27, (64,))
     params = _params(3, 27, 10, 20)
-    ref_loss, ref_params = reference_step(idx, target, params, lr=0.1)
+    ref_loss, ref_params = reference.mlp_sgd_step(idx, target, params, lr=0.1)
     compiled = torch.compile(lambda i, t, *p: ops.mlp_sgd_step(i, t, *p, 0.1), fullgraph=True)
     loss = compiled(idx, target, *params)
     assert_close(loss, ref_loss)

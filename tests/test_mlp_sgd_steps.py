@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from charmlp import _C, ops
+from charmlp import _C, ops, reference
 from charmlp.model import MLPLanguageModel
 from conftest import assert_all_bitwise, assert_bitwise, assert_close
-from test_mlp_sgd_step import _params, reference_step
+from test_mlp_sgd_step import _params
 
 # Per-step learning rates, all different, so that a step run with another step's lr
 # (or the first lr for every step) cannot go unnoticed.
@@ -169,7 +169,7 @@ def test_matches_reference(shape, dtype):
     ref = _params(T, V, E, H, dtype)
     ref_losses = []
     for k in range(3):
-        loss, ref = reference_step(idx[k], target[k], ref, LRS[k])
+        loss, ref = reference.mlp_sgd_step(idx[k], target[k], ref, LRS[k])
         ref_losses.append(loss)
     tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     assert_close(losses, torch.stack(ref_losses), **tol)

@@ -31,7 +31,16 @@ def _dead_pid() -> int:
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(run.iterdir()) if p.name != LOCK_NAME}
+    """Every file of the run but the lock. A live training's checkpoint temp file can be
+    renamed away between the listing and the read: what is gone by then is left out."""
+    out = {}
+    for p in sorted(run.iterdir()):
+        if p.name != LOCK_NAME:
+            try:
+                out[p.name] = p.read_bytes()
+            except FileNotFoundError:
+                pass
+    return out
 
 
 def _start_training(run: Path, *extra) -> subprocess.Popen:

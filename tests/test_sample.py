@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from charmlp import reference
 from charmlp.data import Vocab, VocabError
 from charmlp.model import MLPLanguageModel
 from charmlp.sample import DEFAULT_SAMPLE_SEED, format_samples, sample_words
@@ -37,8 +38,7 @@ def test_equals_the_notebook_sampling_loop():
     m = _model(fused=False)
     with torch.no_grad():  # untrained: make '.' likely so that words end (as after training)
         m.head.bias[0] += 8.0
-    C, W1, b1 = m.embed.table, m.embed.weight.T, m.embed.bias
-    W2, b2 = m.head.weight.T, m.head.bias
+    params = [p.detach() for p in (m.embed.table, m.embed.weight, m.embed.bias, m.head.weight, m.head.bias)]
     g = torch.Generator().manual_seed(2147483647 + 10)
     expected = []
     with torch.no_grad():
@@ -46,9 +46,7 @@ def test_equals_the_notebook_sampling_loop():
             out = []
             context = [0] * 3
             while True:
-                emb = C[torch.tensor([context])]
-                h = torch.tanh(emb.view(1, -1) @ W1 + b1)
-                logits = h @ W2 + b2
+                logits = reference.mlp_logits(torch.tensor([context]), *params)
                 probs = F.softmax(logits, dim=1)
                 ix = torch.multinomial(probs, num_samples=1, generator=g).item()
                 context = context[1:] + [ix]

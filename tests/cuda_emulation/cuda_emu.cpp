@@ -40,6 +40,7 @@
 
 #include "cpu/embed_algorithm.h"
 #include "cuda_emu_device.h"
+#include "kernel_impl.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -528,14 +529,18 @@ cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) {
   return *p != nullptr ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// The emulated library's copy of the embed-algorithm override (the real one lives in
-// the charmlp extension, which this library does not link).
+// The emulated library's copies of the embed-algorithm override and of the fast / naive
+// kernel switch (kernel_impl.h; the real ones live in the charmlp extension, which this
+// library does not link): set with _emu_configure and _emu_set_kernel_impl.
 namespace charmlp {
 namespace {
 std::atomic<int> g_embed_algorithm{0};
+std::atomic<int> g_kernel_impl{0};
 }
 void set_embed_algorithm(EmbedAlgorithm a) { g_embed_algorithm = static_cast<int>(a); }
 EmbedAlgorithm get_embed_algorithm() { return static_cast<EmbedAlgorithm>(g_embed_algorithm.load()); }
+void set_kernel_impl(KernelImpl impl) { g_kernel_impl = static_cast<int>(impl); }
+KernelImpl get_kernel_impl() { return static_cast<KernelImpl>(g_kernel_impl.load()); }
 }  // namespace charmlp
 
 namespace {
@@ -550,6 +555,15 @@ void configure(int64_t schedule, bool capturing, int64_t embed_algorithm) {
   charmlp::set_embed_algorithm(static_cast<charmlp::EmbedAlgorithm>(embed_algorithm));
 }
 
+void set_kernel_impl(const std::string& name) {
+  TORCH_CHECK_VALUE(name == "fast" || name == "naive",
+                    "CUDA emulation: kernel_impl must be 'fast' or 'naive', got '", name, "'");
+  charmlp::set_kernel_impl(name == "naive" ? charmlp::KernelImpl::kNaive
+                                            : charmlp::KernelImpl::kFast);
+}
+
+std::string kernel_impl() { return charmlp::use_naive_kernels() ? "naive" : "fast"; }
+
 std::vector<int64_t> counters() { return {cuda_emu::g_launches.load(), cuda_emu::g_threads_run.load()}; }
 
 }  // namespace
@@ -558,4 +572,6 @@ std::vector<int64_t> counters() { return {cuda_emu::g_launches.load(), cuda_emu:
 TORCH_LIBRARY_FRAGMENT(charmlp_cuda_emu, m) {
   m.def("_emu_configure(int schedule, bool capturing, int embed_algorithm) -> ()", &configure);
   m.def("_emu_counters() -> int[]", &counters);
+  m.def("_emu_set_kernel_impl(str name) -> ()", &set_kernel_impl);
+  m.def("_emu_kernel_impl() -> str", &kernel_impl);
 }

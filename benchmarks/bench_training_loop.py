@@ -22,12 +22,12 @@ training-loop segment on its own copy of the same notebook-init weights
 - ``idiomatic``: ``logits, loss = model(x, y); opt.zero_grad(); loss.backward(); opt.step()``
   with ``torch.optim.SGD(lr=0.1)``, then ``loss.item()``;
 - ``loop``: ``for j in range(k): losses.append(float(model.sgd_step(xs[j], ys[j], lr)))``;
-- ``chunk``: what train.py runs: ``model.sgd_steps(xs, ys, [lr] * k).tolist()``.
+- ``chunk``: what `charmlp train` runs (charmlp.train.loop): ``model.sgd_steps(xs, ys, [lr] * k).tolist()``.
 
 One timed sample is a chunk of ``k`` steps (default 1,000) on fresh minibatches: rows of
 names.txt at block 3 built the makemore way (uniform random ids when names.txt is absent),
 drawn with ``torch.randint`` for every round and the same for every arm in that round (the
-drawing and the gather ``X[ix]`` are not timed: train.py does them outside its timer too);
+drawing and the gather ``X[ix]`` are not timed: charmlp.train does them outside its timer too);
 the metric is time per step. Every arm first takes one untimed step on the same minibatch,
 then arms run interleaved, in an order that rotates each round, after warm-up rounds; rounds
 during which other processes used more than 5 % of the CPUs are dropped and redone (as in the
@@ -93,11 +93,11 @@ class Optimizer:
         self.model = model
 
     def loop(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
-        """k steps (xs [k, B, 3], ys [k, B]) as train.py ran them before: one step per iteration."""
+        """k steps (xs [k, B, 3], ys [k, B]) as `charmlp train` ran them before: one step per iteration."""
         raise NotImplementedError
 
     def chunk(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
-        """The same k steps as train.py runs them now: one op call."""
+        """The same k steps as `charmlp train` runs them now: one op call."""
         raise NotImplementedError
 
     def clone(self) -> "Optimizer":
@@ -118,7 +118,7 @@ class SGD(Optimizer):
             "loop": "`for j in range(k): losses.append(float(model.sgd_step(xs[j], ys[j], lr)))`",
             "idiomatic": "`logits, loss = model(x, y); opt.zero_grad(); loss.backward(); opt.step()` with "
                          "`torch.optim.SGD(lr)`, `loss.item()` (the loop users write)",
-            "chunk": "`model.sgd_steps(xs, ys, [lr] * k).tolist()` (train.py now)"}
+            "chunk": "`model.sgd_steps(xs, ys, [lr] * k).tolist()` (charmlp train now)"}
 
     def loop(self, xs: torch.Tensor, ys: torch.Tensor) -> list[float]:
         model, lr = self.model, self.lr

@@ -1,8 +1,8 @@
 """The CUDA kernels of every charmlp op, against plain PyTorch (charmlp.reference).
 
 Skipped as a whole when there is no GPU or the extension was built without CUDA
-(scripts/check_cuda_build.sh compile-checks the kernels on machines without a GPU;
-scripts/gpu_check.sh runs this file on one).
+(tools/check_cuda_build.sh compile-checks the kernels on machines without a GPU;
+tools/gpu_check.sh runs this file on one).
 
 Covers: values and every gradient vs the reference (several shapes incl. odd ones
 and both the fused small-vocabulary and the generic paths; float32, float64,

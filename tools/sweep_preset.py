@@ -86,7 +86,7 @@ def flags(settings: dict) -> str:
 
 
 def quiet_rate(settings: dict, data: Path, threads: int, blocks: int = 8, block_s: float = 0.3) -> float:
-    """Steps per second of the candidate's training step (train.py's path: the fused SGD
+    """Steps per second of the candidate's training step (charmlp.train's path: the fused SGD
     chunk op for plain SGD, else ``model(x, y)``, ``backward()``, fused ``torch.optim``),
     the best of ``blocks`` timings of ~``block_s`` on names.txt minibatches."""
     import torch

@@ -221,15 +221,22 @@ def test_the_preset_round_trips_through_the_checkpoint(tmp_path, capsys):
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
 def test_a_budget_under_torchrun_agrees_on_the_steps(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "charmlp", "train", "--time-budget", "3", "--hidden", "32", "--init", "default",
-           "--optimizer", "adamw", "--samples", "2", "-q", "--out", str(run)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("time budget 3 s:") == 1
-    res = json.loads((run / "results.json").read_text())
-    ckpt = load_checkpoint(run)
-    assert res["steps"] == ckpt["step"] == ckpt["train_config"]["steps"] == res["time_budget"]["steps"]
-    assert ckpt["world_size"] == 2
-    assert abs(res["wall_time_s"] - 3.0) <= 3.0 * 0.25  # (two processes on a shared machine)
+    # One retry, as for the single-process runs: two ranks on a shared 2-core machine, and
+    # another process starting or stopping between the speed measurement and the run changes
+    # the step rate the count was fixed from (CI once saw a run end at 2.1 s of 3).
+    for attempt in range(2):
+        run = tmp_path / f"run{attempt}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "charmlp", "train", "--time-budget", "3", "--hidden", "32", "--init", "default",
+               "--optimizer", "adamw", "--samples", "2", "-q", "--out", str(run)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.count("time budget 3 s:") == 1
+        res = json.loads((run / "results.json").read_text())
+        ckpt = load_checkpoint(run)
+        assert res["steps"] == ckpt["step"] == ckpt["train_config"]["steps"] == res["time_budget"]["steps"]
+        assert ckpt["world_size"] == 2
+        if abs(res["wall_time_s"] - 3.0) <= 3.0 * 0.25:  # (two processes on a shared machine)
+            break
+    assert abs(res["wall_time_s"] - 3.0) <= 3.0 * 0.25, res["time_budget"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -254,3 +255,31 @@ def test_tour_benchmark_checks_and_times_every_stage(tmp_path):
     for row in ("| `embed_linear_tanh` | tiny-64 | forward + backward |", "| `cross_entropy` | tiny-64 | forward |",
                 "| fused: model.sgd_step | tiny-64 |"):
         assert row in report, report
+
+
+def test_inductor_cache_is_separate_per_aten_cpu_capability(monkeypatch):
+    from harness.inductor_cache import CACHE_DIR_ENV, isolate_inductor_cache
+
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert isolate_inductor_cache() is None and CACHE_DIR_ENV not in os.environ
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")
+    path = isolate_inductor_cache()
+    assert path is not None and path.endswith("_aten_avx2") and os.environ[CACHE_DIR_ENV] == path
+    monkeypatch.setenv(CACHE_DIR_ENV, "/somewhere/chosen")  # the user's choice wins
+    assert isolate_inductor_cache() is None and os.environ[CACHE_DIR_ENV] == "/somewhere/chosen"
+
+
+def test_compile_arm_survives_an_avx2_host_run_before_it(tmp_path):
+    """torch 2.13's FX-graph cache key leaves out the vector ISA that ATEN_CPU_CAPABILITY
+    picks: without a cache per capability, a native run after an AVX2-host run compiled
+    8-wide cached code with 16-wide headers and crashed (double free). Both runs share one
+    temporary directory, hence one default Inductor cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env["TMPDIR"] = str(tmp_path)
+    cmd = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--sizes", "lecture-4096", "--arms", "seed,compile",
+           "--no-memory", "--no-ablation", "--no-output-layer", "--no-plots", "--budget", "0.2"]
+    for i, extra in enumerate([{"ATEN_CPU_CAPABILITY": "avx2"}, {}]):
+        r = subprocess.run(cmd + ["--out", str(tmp_path / f"out{i}")], env={**env, **extra},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (extra, r.stdout[-2000:] + r.stderr[-2000:])

@@ -15,10 +15,16 @@
 * :mod:`~harness.suite`: one size (:func:`bench_size`), all sizes (:func:`run_suite`), the
   embedding-algorithm ablation;
 * :mod:`~harness.report` and :mod:`~harness.plots`: results.md / results.json, the PNGs;
-* :mod:`~harness.cli`: the options every suite script shares.
+* :mod:`~harness.cli`: the options every suite script shares;
+* :mod:`~harness.inductor_cache`: one TorchInductor cache per ``ATEN_CPU_CAPABILITY`` (set
+  on import, before anything compiles; why is in the module).
 
 The scripts in ``benchmarks/`` import what they use from here; ``run_all.py`` runs the suite.
 """
+
+from .inductor_cache import isolate_inductor_cache
+
+isolate_inductor_cache()
 
 from .arms import (ARMS, DEFAULT_ARMS, REFERENCE_ARM, Arm, CharmlpAlgorithmArm, CharmlpArm, CharmlpGraphArm,
                    CharmlpLoopArm, CompileArm, CompileReduceOverheadArm, CompileTracedArm, FunctionalArm, SeedArm,

@@ -23,16 +23,6 @@ namespace cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-inline unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(ceil_div<int64_t>(n, kThreads));
-}
-
-__device__ inline int64_t thread_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
 // w[v], or 1 without class weights (w == nullptr).
 template <typename acc_t>
 __device__ inline acc_t class_weight(const acc_t* w, int64_t v) {
@@ -60,7 +50,7 @@ __global__ void naive_ce_forward_kernel(const scalar_t* logits, const int64_t* t
                                         const acc_t* w, int64_t B, int64_t V, int64_t ignore_index,
                                         acc_t eps, acc_t* lse, acc_t* row_loss,
                                         IndexErrorRecord err) {
-  const int64_t b = thread_index();
+  const int64_t b = global_thread_index();
   if (b >= B) return;
   const scalar_t* x = logits + b * V;
   acc_t m = neg_inf<acc_t>();
@@ -103,7 +93,7 @@ __global__ void naive_ce_backward_kernel(const acc_t* grad_loss, int64_t reducti
                                          const acc_t* w, const acc_t* lse, const acc_t* sums,
                                          int64_t B, int64_t V, int64_t ignore_index, acc_t eps,
                                          scalar_t* grad, IndexErrorRecord err) {
-  const int64_t i = thread_index();
+  const int64_t i = global_thread_index();
   if (i >= B * V) return;
   const int64_t b = i / V, v = i % V;
   const int64_t t = load_target(target, b, V, ignore_index, err);
@@ -136,7 +126,7 @@ void launch_naive_ce_forward(const scalar_t* logits, const int64_t* target, cons
                              int64_t reduction, const acc_t* sums, acc_t* lse, acc_t* row_loss,
                              scalar_t* loss, IndexErrorRecord err, cudaStream_t stream) {
   if (B > 0) {
-    naive_ce_forward_kernel<scalar_t, acc_t><<<blocks_for(B), kThreads, 0, stream>>>(
+    naive_ce_forward_kernel<scalar_t, acc_t><<<naive_blocks(B), kNaiveThreads, 0, stream>>>(
         logits, target, w, B, V, ignore_index, eps, lse, row_loss, err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -154,7 +144,7 @@ void launch_naive_ce_backward(const acc_t* grad_loss, int64_t reduction, const s
                               acc_t eps, scalar_t* grad, IndexErrorRecord err,
                               cudaStream_t stream) {
   if (B * V > 0) {
-    naive_ce_backward_kernel<scalar_t, acc_t><<<blocks_for(B * V), kThreads, 0, stream>>>(
+    naive_ce_backward_kernel<scalar_t, acc_t><<<naive_blocks(B * V), kNaiveThreads, 0, stream>>>(
         grad_loss, reduction, logits, target, w, lse, sums, B, V, ignore_index, eps, grad, err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

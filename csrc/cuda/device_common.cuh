@@ -31,6 +31,18 @@ __host__ __device__ inline T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 
+// One thread per output, the naive kernels' launch (*_naive.cu): blocks of kNaiveThreads
+// threads, enough of them for n outputs; a thread computes output global_thread_index().
+constexpr int kNaiveThreads = 256;
+
+inline unsigned naive_blocks(int64_t n) {
+  return static_cast<unsigned>(ceil_div<int64_t>(n, kNaiveThreads));
+}
+
+__device__ inline int64_t global_thread_index() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
 // Explicit instantiation of a launcher for the four floating types.
 #define CHARMLP_INSTANTIATE_FLOAT_TYPES(MACRO) \
   MACRO(float, float)                          \

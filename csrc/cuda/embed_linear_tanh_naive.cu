@@ -21,16 +21,6 @@ namespace cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-inline unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(ceil_div<int64_t>(n, kThreads));
-}
-
-__device__ inline int64_t thread_index() {
-  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
 // dpre[b, h] at i = b * H + h.
 template <typename scalar_t, typename acc_t>
 __device__ inline acc_t dpre(const scalar_t* grad_out, const scalar_t* out, int64_t i) {
@@ -44,7 +34,7 @@ __global__ void naive_embed_forward_kernel(const int64_t* idx, const scalar_t* t
                                            const scalar_t* weight, const scalar_t* bias,
                                            scalar_t* out, int64_t B, int64_t T, int64_t V,
                                            int64_t E, int64_t H, IndexErrorRecord err) {
-  const int64_t i = thread_index();
+  const int64_t i = global_thread_index();
   if (i >= B * H) return;
   const int64_t b = i / H, h = i % H, K = T * E;
   acc_t pre = bias != nullptr ? static_cast<acc_t>(bias[h]) : acc_t(0);
@@ -62,7 +52,7 @@ __global__ void naive_embed_forward_kernel(const int64_t* idx, const scalar_t* t
 template <typename scalar_t, typename acc_t>
 __global__ void naive_embed_grad_bias_kernel(const scalar_t* grad_out, const scalar_t* out,
                                              scalar_t* grad_bias, int64_t B, int64_t H) {
-  const int64_t h = thread_index();
+  const int64_t h = global_thread_index();
   if (h >= H) return;
   acc_t s = 0;
   for (int64_t b = 0; b < B; ++b) s += dpre<scalar_t, acc_t>(grad_out, out, b * H + h);
@@ -76,7 +66,7 @@ __global__ void naive_embed_grad_weight_kernel(const scalar_t* grad_out, const s
                                                scalar_t* grad_weight, int64_t B, int64_t T,
                                                int64_t V, int64_t E, int64_t H,
                                                IndexErrorRecord err) {
-  const int64_t K = T * E, i = thread_index();
+  const int64_t K = T * E, i = global_thread_index();
   if (i >= H * K) return;
   const int64_t h = i / K, k = i % K, j = k / E, e = k % E;
   acc_t s = 0;
@@ -95,7 +85,7 @@ __global__ void naive_embed_grad_table_kernel(const scalar_t* grad_out, const sc
                                               scalar_t* grad_table, int64_t B, int64_t T,
                                               int64_t V, int64_t E, int64_t H,
                                               IndexErrorRecord err) {
-  const int64_t K = T * E, i = thread_index();
+  const int64_t K = T * E, i = global_thread_index();
   if (i >= V * E) return;
   const int64_t v = i / E, e = i % E;
   acc_t s = 0;
@@ -121,7 +111,8 @@ void launch_naive_embed_forward(const int64_t* idx, const scalar_t* table, const
   using acc_t = at::opmath_type<scalar_t>;
   launch_check_index_range(idx, B * T, V, kArgIdx, /*ignore_index=*/-1, err, stream);
   if (B * H > 0) {
-    naive_embed_forward_kernel<scalar_t, acc_t><<<blocks_for(B * H), kThreads, 0, stream>>>(
+    naive_embed_forward_kernel<scalar_t, acc_t>
+        <<<naive_blocks(B * H), kNaiveThreads, 0, stream>>>(
         idx, table, weight, bias, out, B, T, V, E, H, err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -136,17 +127,20 @@ void launch_naive_embed_backward(const scalar_t* grad_out, const scalar_t* out, 
   using acc_t = at::opmath_type<scalar_t>;
   launch_check_index_range(idx, B * T, V, kArgIdx, /*ignore_index=*/-1, err, stream);
   if (H > 0) {
-    naive_embed_grad_bias_kernel<scalar_t, acc_t><<<blocks_for(H), kThreads, 0, stream>>>(
+    naive_embed_grad_bias_kernel<scalar_t, acc_t>
+        <<<naive_blocks(H), kNaiveThreads, 0, stream>>>(
         grad_out, out, grad_bias, B, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (H * T * E > 0) {
-    naive_embed_grad_weight_kernel<scalar_t, acc_t><<<blocks_for(H * T * E), kThreads, 0, stream>>>(
+    naive_embed_grad_weight_kernel<scalar_t, acc_t>
+        <<<naive_blocks(H * T * E), kNaiveThreads, 0, stream>>>(
         grad_out, out, idx, table, grad_weight, B, T, V, E, H, err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (V * E > 0) {
-    naive_embed_grad_table_kernel<scalar_t, acc_t><<<blocks_for(V * E), kThreads, 0, stream>>>(
+    naive_embed_grad_table_kernel<scalar_t, acc_t>
+        <<<naive_blocks(V * E), kNaiveThreads, 0, stream>>>(
         grad_out, out, idx, weight, grad_table, B, T, V, E, H, err);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -94,7 +94,7 @@ at::Tensor reduce(const at::Tensor& row_loss, int64_t reduction, acc_t den, at::
   return at::scalar_tensor(total, row_loss.options().dtype(dtype));
 }
 
-// -> grad (B, V).   grad_loss: (B) for none, one value otherwise, null meaning 1.
+// -> grad (B, V).   grad_loss: (B) for none, one value otherwise.
 template <typename scalar_t, typename acc_t>
 void backward_rows(const acc_t* grad_loss, int64_t reduction, acc_t den, const scalar_t* x,
                    const int64_t* target, const acc_t* w, const acc_t* lse, scalar_t* grad,
@@ -105,8 +105,7 @@ void backward_rows(const acc_t* grad_loss, int64_t reduction, acc_t den, const s
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t = target[b];
       // s_b = d(loss) / d(loss[b])
-      acc_t s = grad_loss == nullptr ? acc_t(1)
-                                     : grad_loss[reduction == at::Reduction::None ? b : 0];
+      acc_t s = grad_loss[reduction == at::Reduction::None ? b : 0];
       if (reduction == at::Reduction::Mean) s = den != 0 ? s / den : acc_t(0);
       for (int64_t v = 0; v < V; ++v) {
         acc_t g = 0;
@@ -190,36 +189,18 @@ at::Tensor cross_entropy_backward_naive_cpu(const at::Tensor& grad_loss, const a
   return grad;
 }
 
+// The forward, then the backward with grad_loss = 1 (as the naive CUDA op): a second pass
+// over the logits and a second index check, so that it reads as the two ops it fuses.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_and_grads_naive_cpu(
     const at::Tensor& logits, const at::Tensor& target, int64_t reduction, int64_t ignore_index,
     double label_smoothing, const std::optional<at::Tensor>& weight) {
   check_cross_entropy_args(logits, target, reduction, label_smoothing);  // as the fast op
   check_scalar_loss_reduction(reduction, "cross_entropy_and_grads");
-  const int64_t B = logits.size(0), V = logits.size(1);
-  check_class_weight(weight, V, logits, "logits");
-  const at::Tensor target64 = checked_indices_cpu(target, V, "target", ignore_index);
-  const at::Tensor x = logits.contiguous();
-  const auto acc_dtype = at::toOpMathType(logits.scalar_type());
-  const at::Tensor w = weights_acc(weight, acc_dtype);
-  at::Tensor lse = at::empty({B}, logits.options().dtype(acc_dtype));
-  at::Tensor row_loss = at::empty({B}, lse.options());
-  at::Tensor grad = at::empty({B, V}, logits.options());
-  at::Tensor loss;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(),
-                                  "cross_entropy_and_grads_naive_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t* t = target64.const_data_ptr<int64_t>();
-    const acc_t* wp = ptr_or_null<acc_t>(w);
-    const acc_t eps = static_cast<acc_t>(label_smoothing);
-    forward_rows<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), t, wp,
-                                  lse.mutable_data_ptr<acc_t>(),
-                                  row_loss.mutable_data_ptr<acc_t>(), B, V, ignore_index, eps);
-    const acc_t den = mean_denominator<acc_t>(t, wp, B, ignore_index);
-    loss = reduce<acc_t>(row_loss, reduction, den, logits.scalar_type());
-    backward_rows<scalar_t, acc_t>(/*grad_loss=*/nullptr, reduction, den,
-                                   x.const_data_ptr<scalar_t>(), t, wp, lse.const_data_ptr<acc_t>(),
-                                   grad.mutable_data_ptr<scalar_t>(), B, V, ignore_index, eps);
-  });
+  auto [loss, lse] =
+      cross_entropy_naive_cpu(logits, target, reduction, ignore_index, label_smoothing, weight);
+  at::Tensor grad = cross_entropy_backward_naive_cpu(at::ones({}, lse.options()), logits, target,
+                                                     lse, reduction, ignore_index,
+                                                     label_smoothing, weight);
   return {loss, lse, grad};
 }
 

@@ -4,10 +4,10 @@ crash the next native run.
 ``ATEN_CPU_CAPABILITY=avx2`` (the AVX2-host recipe in ``benchmarks/README.md``) makes
 Inductor generate C++ kernels for 8-wide vectors, but torch 2.13's FX-graph cache key does
 not include the vector ISA: the next process without the variable finds that cached code
-and compiles it with AVX-512 headers (16-wide ``Vectorized``), and the ``compile`` arm dies
-with ``double free or corruption`` or ``malloc(): unaligned tcache chunk``. Plain PyTorch
-shows it (compile any model once with ``ATEN_CPU_CAPABILITY=avx2``, then run it without);
-charmlp is not involved. Giving each capability its own cache directory avoids it in both
+and compiles it with AVX-512 headers (16-wide ``Vectorized``): the ``compile`` arm dies with
+``double free or corruption`` or ``malloc(): unaligned tcache chunk``, and a compiled
+``F.cross_entropy`` alone returned ``-inf``. Plain PyTorch shows it (compile a model once with
+``ATEN_CPU_CAPABILITY=avx2``, then run it without); charmlp is not involved. Giving each capability its own cache directory avoids it in both
 directions. ``TORCHINDUCTOR_CACHE_DIR`` is Inductor's documented setting and is read when a
 compilation first touches the cache, so this must run before any ``torch.compile`` call:
 the harness does it on import.

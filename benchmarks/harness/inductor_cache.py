@@ -6,11 +6,11 @@ Inductor generate C++ kernels for 8-wide vectors, but torch 2.13's FX-graph cach
 not include the vector ISA: the next process without the variable finds that cached code
 and compiles it with AVX-512 headers (16-wide ``Vectorized``): the ``compile`` arm dies with
 ``double free or corruption`` or ``malloc(): unaligned tcache chunk``, and a compiled
-``F.cross_entropy`` alone returned ``-inf``. Plain PyTorch shows it (compile a model once with
-``ATEN_CPU_CAPABILITY=avx2``, then run it without); charmlp is not involved. Giving each capability its own cache directory avoids it in both
-directions. ``TORCHINDUCTOR_CACHE_DIR`` is Inductor's documented setting and is read when a
-compilation first touches the cache, so this must run before any ``torch.compile`` call:
-the harness does it on import.
+``F.cross_entropy`` alone returned ``-inf``. Plain PyTorch shows it (compile a model once
+with ``ATEN_CPU_CAPABILITY=avx2``, then run it without); charmlp is not involved. Giving each
+capability its own cache directory avoids it in both directions. ``TORCHINDUCTOR_CACHE_DIR``
+is Inductor's documented setting and is read when a compilation first touches the cache, so
+this must run before any ``torch.compile`` call: the harness does it on import.
 """
 
 from __future__ import annotations
